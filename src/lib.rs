@@ -1,0 +1,15 @@
+//! IDiff Studio: a Rust re-implementation of IDiff-Face sampling, analysis, curation and
+//! FR training, with a desktop studio on top.
+//!
+//! Data flows one way: settings → command → worker → events → state → view.
+
+pub mod checkpoint;
+pub mod models;
+pub mod testutil;
+pub mod diffusion;
+pub mod identity;
+pub mod bench;
+pub mod cli;
+pub mod forward;
+pub mod generate;
+pub mod pipeline;

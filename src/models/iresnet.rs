@@ -1,0 +1,510 @@
+//! InsightFace arcface_torch / ElasticFace IResNet face-recognition backbone (IBasicBlock).
+//!
+//! Parameter names follow the reference exactly (`conv1`, `bn1`, `prelu`,
+//! `layer{1..4}.{i}.{bn1,conv1,bn2,prelu,conv2,bn3,downsample.0,downsample.1}`, `bn2`, `fc`,
+//! `features`). Input is `[B, 3, 112, 112]` in [-1, 1]; the output is the raw embedding of the
+//! `features` BatchNorm1d (not normalised). BatchNorm runs on running statistics at
+//! inference (`train = false`) and on batch statistics, updating the running ones, in
+//! training, so the same model serves the FR-training code.
+
+use crate::checkpoint::{build_checked, load_state_dict};
+use candle_core::{DType, Device, Module, ModuleT, Result, Tensor, D};
+use candle_nn::{
+    batch_norm, conv2d_no_bias, linear, prelu, BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig,
+    Linear, PReLU, VarBuilder,
+};
+use serde::Deserialize;
+use std::path::Path;
+
+/// Epsilon of every BatchNorm (2d and the final BatchNorm1d `features`).
+const BN_EPS: f64 = 1e-5;
+/// Input side length the `fc` layer is sized for (112 → 7 after four stride-2 stages).
+const INPUT_SIZE: usize = 112;
+/// Spatial side of the last feature map.
+const FINAL_SIZE: usize = 7;
+/// Channels of the four stages.
+const STAGE_CHANNELS: [usize; 4] = [64, 128, 256, 512];
+
+/// Architecture of an IResNet backbone.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct IResNetConfig {
+    /// Number of IBasicBlocks in each of the four stages.
+    pub layers: Vec<usize>,
+    /// Embedding size (output of `fc` and `features`).
+    #[serde(default = "default_num_features")]
+    pub num_features: usize,
+    /// Residual block type; only `"IBasicBlock"` is supported.
+    #[serde(default = "default_block")]
+    pub block: String,
+    /// Dropout before `fc`, active only in training (the paper's FR training uses 0.4).
+    #[serde(default)]
+    pub dropout: f64,
+}
+
+fn default_num_features() -> usize {
+    512
+}
+
+fn default_block() -> String {
+    "IBasicBlock".to_owned()
+}
+
+impl IResNetConfig {
+    fn with_layers(layers: [usize; 4]) -> Self {
+        Self {
+            layers: layers.to_vec(),
+            num_features: default_num_features(),
+            block: default_block(),
+            dropout: 0.0,
+        }
+    }
+
+    /// iresnet18: layers [2, 2, 2, 2], 512-d.
+    pub fn iresnet18() -> Self {
+        Self::with_layers([2, 2, 2, 2])
+    }
+
+    /// iresnet34: layers [3, 4, 6, 3], 512-d.
+    pub fn iresnet34() -> Self {
+        Self::with_layers([3, 4, 6, 3])
+    }
+
+    /// iresnet50: layers [3, 4, 14, 3], 512-d (the FR-training backbone of the paper).
+    pub fn iresnet50() -> Self {
+        Self::with_layers([3, 4, 14, 3])
+    }
+
+    /// iresnet100: layers [3, 13, 30, 3], 512-d (ElasticFace-Arc, used for contexts).
+    pub fn iresnet100() -> Self {
+        Self::with_layers([3, 13, 30, 3])
+    }
+
+    /// Reads a config from a JSON file (unknown keys are ignored).
+    pub fn from_json_file(path: impl AsRef<Path>) -> anyhow::Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: invalid IResNet config: {e}", path.display()))
+    }
+
+    /// Checks that the config describes a buildable backbone.
+    pub fn validate(&self) -> Result<()> {
+        if self.block != "IBasicBlock" {
+            candle_core::bail!(
+                "IResNet config: block {:?} is not supported (only \"IBasicBlock\")",
+                self.block
+            );
+        }
+        if self.layers.len() != 4 || self.layers.contains(&0) {
+            candle_core::bail!(
+                "IResNet config: layers must be four positive block counts, got {:?}",
+                self.layers
+            );
+        }
+        if self.num_features == 0 {
+            candle_core::bail!("IResNet config: num_features must be positive");
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            candle_core::bail!(
+                "IResNet config: dropout must be in [0, 1), got {}",
+                self.dropout
+            );
+        }
+        Ok(())
+    }
+}
+
+fn bn(channels: usize, vb: VarBuilder) -> Result<BatchNorm> {
+    batch_norm(channels, BatchNormConfig::from(BN_EPS), vb)
+}
+
+fn conv3x3(cin: usize, cout: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding: 1,
+        stride,
+        ..Default::default()
+    };
+    conv2d_no_bias(cin, cout, 3, cfg, vb)
+}
+
+/// The IResNet residual block: BN → 3×3 conv → BN → PReLU → 3×3 conv (stride) → BN, plus
+/// the identity or a `downsample` (1×1 strided conv + BN).
+#[derive(Debug, Clone)]
+pub struct IBasicBlock {
+    bn1: BatchNorm,
+    conv1: Conv2d,
+    bn2: BatchNorm,
+    prelu: PReLU,
+    conv2: Conv2d,
+    bn3: BatchNorm,
+    downsample: Option<(Conv2d, BatchNorm)>,
+}
+
+impl IBasicBlock {
+    /// Builds the block from `vb`; a `downsample` branch is created when `stride != 1` or the
+    /// channel count changes.
+    pub fn new(vb: VarBuilder, inplanes: usize, planes: usize, stride: usize) -> Result<Self> {
+        let downsample = if stride != 1 || inplanes != planes {
+            let cfg = Conv2dConfig {
+                stride,
+                ..Default::default()
+            };
+            let vb_ds = vb.pp("downsample");
+            Some((
+                conv2d_no_bias(inplanes, planes, 1, cfg, vb_ds.pp("0"))?,
+                bn(planes, vb_ds.pp("1"))?,
+            ))
+        } else {
+            None
+        };
+        Ok(Self {
+            bn1: bn(inplanes, vb.pp("bn1"))?,
+            conv1: conv3x3(inplanes, planes, 1, vb.pp("conv1"))?,
+            bn2: bn(planes, vb.pp("bn2"))?,
+            prelu: prelu(Some(planes), vb.pp("prelu"))?,
+            conv2: conv3x3(planes, planes, stride, vb.pp("conv2"))?,
+            bn3: bn(planes, vb.pp("bn3"))?,
+            downsample,
+        })
+    }
+
+    /// Applies the block; `train` selects batch statistics (and updates the running ones).
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let h = self.bn1.forward_t(x, train)?;
+        let h = self.conv1.forward(&h)?;
+        let h = self.bn2.forward_t(&h, train)?;
+        let h = self.prelu.forward(&h)?;
+        let h = self.conv2.forward(&h)?;
+        let h = self.bn3.forward_t(&h, train)?;
+        let identity = match &self.downsample {
+            Some((conv, norm)) => norm.forward_t(&conv.forward(x)?, train)?,
+            None => x.clone(),
+        };
+        h + identity
+    }
+}
+
+/// The IResNet backbone.
+#[derive(Debug, Clone)]
+pub struct IResNet {
+    conv1: Conv2d,
+    bn1: BatchNorm,
+    prelu: PReLU,
+    layers: Vec<Vec<IBasicBlock>>,
+    bn2: BatchNorm,
+    fc: Linear,
+    features: BatchNorm,
+    cfg: IResNetConfig,
+}
+
+impl IResNet {
+    /// Builds the backbone from `vb` with the reference's parameter names.
+    pub fn new(vb: VarBuilder, cfg: &IResNetConfig) -> Result<Self> {
+        cfg.validate()?;
+        let mut inplanes = STAGE_CHANNELS[0];
+        let conv1 = conv3x3(3, inplanes, 1, vb.pp("conv1"))?;
+        let bn1 = bn(inplanes, vb.pp("bn1"))?;
+        let prelu_stem = prelu(Some(inplanes), vb.pp("prelu"))?;
+        let mut layers = Vec::with_capacity(4);
+        for (stage, (&planes, &count)) in STAGE_CHANNELS.iter().zip(&cfg.layers).enumerate() {
+            let vb_stage = vb.pp(format!("layer{}", stage + 1));
+            let mut blocks = Vec::with_capacity(count);
+            for i in 0..count {
+                let stride = if i == 0 { 2 } else { 1 };
+                blocks.push(IBasicBlock::new(vb_stage.pp(i), inplanes, planes, stride)?);
+                inplanes = planes;
+            }
+            layers.push(blocks);
+        }
+        let last = STAGE_CHANNELS[3];
+        Ok(Self {
+            conv1,
+            bn1,
+            prelu: prelu_stem,
+            layers,
+            bn2: bn(last, vb.pp("bn2"))?,
+            fc: linear(
+                last * FINAL_SIZE * FINAL_SIZE,
+                cfg.num_features,
+                vb.pp("fc"),
+            )?,
+            features: bn(cfg.num_features, vb.pp("features"))?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// The architecture this model was built with.
+    pub fn config(&self) -> &IResNetConfig {
+        &self.cfg
+    }
+
+    /// Raw (unnormalised) embeddings `[B, num_features]` of faces `[B, 3, 112, 112]` in
+    /// [-1, 1]. `train` uses batch statistics (updating the running ones) and dropout.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let dims = x.dims();
+        if dims.len() != 4 || dims[1] != 3 || dims[2] != INPUT_SIZE || dims[3] != INPUT_SIZE {
+            candle_core::bail!(
+                "IResNet expects input [B, 3, {INPUT_SIZE}, {INPUT_SIZE}], got {dims:?}"
+            );
+        }
+        if train && dims[0] < 2 {
+            candle_core::bail!("IResNet training needs a batch of at least 2 for BatchNorm");
+        }
+        let mut h = self.conv1.forward(x)?;
+        h = self.bn1.forward_t(&h, train)?;
+        h = self.prelu.forward(&h)?;
+        for stage in &self.layers {
+            for block in stage {
+                h = block.forward_t(&h, train)?;
+            }
+        }
+        h = self.bn2.forward_t(&h, train)?.flatten_from(1)?;
+        if train && self.cfg.dropout > 0.0 {
+            h = candle_nn::ops::dropout(&h, self.cfg.dropout as f32)?;
+        }
+        let h = self.fc.forward(&h)?;
+        self.features.forward_t(&h, train)
+    }
+
+    /// Inference forward pass: raw embedding `[B, num_features]` (not normalised).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_t(x, false)
+    }
+
+    /// `forward(x) + forward(flip_w(x))`, the evaluation embedding before normalisation.
+    pub fn embed_flip_sum(&self, x: &Tensor) -> Result<Tensor> {
+        let flipped = x.flip(&[3])?;
+        self.forward(x)? + self.forward(&flipped)?
+    }
+
+    /// Loads a backbone state dict (`.pth`/`.pt` torch zip or safetensors) in F32. A
+    /// DataParallel `module.` prefix is removed and BatchNorm `num_batches_tracked` counters
+    /// are dropped; every other key must match the config exactly.
+    pub fn load(
+        path: impl AsRef<Path>,
+        cfg: &IResNetConfig,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
+        let mut state = load_state_dict(path)?.strip_prefix("module.");
+        state
+            .tensors
+            .retain(|k, _| !k.ends_with(".num_batches_tracked"));
+        build_checked(&state, DType::F32, device, |vb| Self::new(vb, cfg))
+    }
+}
+
+impl ModuleT for IResNet {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        IResNet::forward_t(self, xs, train)
+    }
+}
+
+/// Whether a parameter name is a BatchNorm running statistic (a buffer, not a trainable
+/// weight); useful to keep them out of an optimiser built from a `VarMap`.
+pub fn is_running_stat(name: &str) -> bool {
+    name.ends_with(".running_mean") || name.ends_with(".running_var")
+}
+
+/// L2-normalises embeddings along the last dimension (`x / max(‖x‖, 1e-12)`).
+pub fn normalise(x: &Tensor) -> Result<Tensor> {
+    let norm = x
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12f64, f64::MAX)?;
+    x.broadcast_div(&norm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::parameter_specs;
+    use crate::testutil::fixture;
+    use candle_nn::VarMap;
+    use std::collections::HashMap;
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    fn fixtures() -> Option<(IResNetConfig, std::path::PathBuf, HashMap<String, Tensor>)> {
+        let cfg = fixture("iresnet_tiny_config.json")?;
+        let weights = fixture("iresnet_tiny_backbone.pth")?;
+        let io = fixture("iresnet_tiny_io.safetensors")?;
+        Some((
+            IResNetConfig::from_json_file(cfg).unwrap(),
+            weights,
+            candle_core::safetensors::load(io, &Device::Cpu).unwrap(),
+        ))
+    }
+
+    #[test]
+    fn matches_reference_embeddings() {
+        let Some((cfg, weights, io)) = fixtures() else {
+            return;
+        };
+        assert_eq!(cfg.layers, vec![1, 1, 1, 1]);
+        assert_eq!(cfg.num_features, 64);
+        let model = IResNet::load(&weights, &cfg, &Device::Cpu).unwrap();
+        let image = &io["image"];
+        let emb = model.forward(image).unwrap();
+        let emb_flip = model.forward(&image.flip(&[3]).unwrap()).unwrap();
+        let sum = model.embed_flip_sum(image).unwrap();
+        let want_sum = (&io["embedding"] + &io["embedding_of_flipped"]).unwrap();
+        let (e, ef, es) = (
+            max_abs(&emb, &io["embedding"]),
+            max_abs(&emb_flip, &io["embedding_of_flipped"]),
+            max_abs(&sum, &want_sum),
+        );
+        eprintln!("iresnet max abs err: embedding {e:e}, flipped {ef:e}, flip-sum {es:e}");
+        assert!(e <= 1e-4 && ef <= 1e-4 && es <= 2e-4, "{e} {ef} {es}");
+    }
+
+    #[test]
+    fn normalise_gives_unit_rows() {
+        let x = Tensor::new(&[[3f32, 4.], [0., 0.]], &Device::Cpu).unwrap();
+        let n = normalise(&x).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(n, vec![vec![0.6, 0.8], vec![0., 0.]]);
+    }
+
+    #[test]
+    fn parameter_names_follow_reference() {
+        let cfg = IResNetConfig::iresnet50();
+        let specs = parameter_specs(|vb| IResNet::new(vb, &cfg)).unwrap();
+        let find = |n: &str| specs.iter().find(|s| s.name == n).map(|s| s.shape.clone());
+        assert_eq!(find("conv1.weight"), Some(vec![64, 3, 3, 3]));
+        assert_eq!(find("prelu.weight"), Some(vec![64]));
+        assert_eq!(
+            find("layer1.0.downsample.0.weight"),
+            Some(vec![64, 64, 1, 1])
+        );
+        assert_eq!(find("layer1.0.downsample.1.running_var"), Some(vec![64]));
+        assert_eq!(find("layer3.13.conv2.weight"), Some(vec![256, 256, 3, 3]));
+        assert_eq!(find("layer3.13.downsample.0.weight"), None);
+        assert_eq!(find("layer3.14.bn1.weight"), None);
+        assert_eq!(find("fc.weight"), Some(vec![512, 512 * 49]));
+        assert_eq!(find("features.running_mean"), Some(vec![512]));
+        assert_eq!(find("features.num_batches_tracked"), None);
+        let blocks = specs
+            .iter()
+            .filter(|s| s.name.ends_with(".bn3.weight"))
+            .count();
+        assert_eq!(blocks, 3 + 4 + 14 + 3);
+    }
+
+    #[test]
+    fn mismatched_config_names_key_and_both_shapes() {
+        let Some((cfg, weights, _)) = fixtures() else {
+            return;
+        };
+        let cfg = IResNetConfig {
+            num_features: 128,
+            ..cfg
+        };
+        let err = IResNet::load(&weights, &cfg, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains('\n'), "{err}");
+        assert!(
+            err.contains("`fc.weight` checkpoint [64, 25088] vs config [128, 25088]"),
+            "{err}"
+        );
+        let deeper = IResNetConfig {
+            layers: vec![1, 2, 1, 1],
+            num_features: 64,
+            ..IResNetConfig::iresnet18()
+        };
+        let err = IResNet::load(&weights, &deeper, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("missing") && err.contains("`layer2.1."),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_configs_and_inputs_are_errors() {
+        let bad = IResNetConfig {
+            layers: vec![2, 2, 2],
+            ..IResNetConfig::iresnet18()
+        };
+        assert!(parameter_specs(|vb| IResNet::new(vb, &bad)).is_err());
+        let bad = IResNetConfig {
+            block: "Bottleneck".into(),
+            ..IResNetConfig::iresnet18()
+        };
+        assert!(parameter_specs(|vb| IResNet::new(vb, &bad)).is_err());
+        let cfg = IResNetConfig {
+            layers: vec![1, 1, 1, 1],
+            num_features: 8,
+            ..IResNetConfig::iresnet18()
+        };
+        let model = IResNet::new(VarBuilder::zeros(DType::F32, &Device::Cpu), &cfg).unwrap();
+        let wrong = Tensor::zeros((1, 3, 128, 128), DType::F32, &Device::Cpu).unwrap();
+        assert!(model.forward(&wrong).is_err());
+        let one = Tensor::zeros((1, 3, 112, 112), DType::F32, &Device::Cpu).unwrap();
+        assert!(model.forward_t(&one, true).is_err());
+    }
+
+    #[test]
+    fn every_trainable_weight_gets_a_gradient() {
+        let device = Device::Cpu;
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
+        let cfg = IResNetConfig {
+            layers: vec![1, 1, 1, 1],
+            num_features: 16,
+            dropout: 0.4,
+            ..IResNetConfig::iresnet18()
+        };
+        let model = IResNet::new(vb, &cfg).unwrap();
+        let x = Tensor::randn(0f32, 1., (2, 3, 112, 112), &device).unwrap();
+        let before = varmap.data().lock().unwrap()["bn1.running_mean"]
+            .as_tensor()
+            .to_vec1::<f32>()
+            .unwrap();
+        let target = Tensor::randn(0f32, 1., (2, 16), &device).unwrap();
+        let out = model.forward_t(&x, true).unwrap();
+        let loss = (out - target).unwrap().sqr().unwrap().mean_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let data = varmap.data().lock().unwrap();
+        let mut missing = Vec::new();
+        for (name, var) in data.iter() {
+            if is_running_stat(name) {
+                continue;
+            }
+            match grads.get(var.as_tensor()) {
+                Some(g)
+                    if g.sqr()
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap()
+                        > 0.0 => {}
+                _ => missing.push(name.clone()),
+            }
+        }
+        assert!(missing.is_empty(), "no gradient for {missing:?}");
+        let after = data["bn1.running_mean"]
+            .as_tensor()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_ne!(
+            before, after,
+            "training mode must update running statistics"
+        );
+    }
+}

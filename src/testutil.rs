@@ -1,0 +1,34 @@
+//! Locating the parity fixtures produced by the reference implementation.
+//!
+//! Tests find them via `$IDIFF_FIXTURES`, else `../shared/fixtures` next to the crate.
+//! When they are absent a test prints a skip note and returns, except under `CI=true`,
+//! where a missing fixture is a failure.
+
+use std::path::PathBuf;
+
+/// Directory holding the reference fixtures, if present.
+pub fn fixtures_dir() -> Option<PathBuf> {
+    let dir = match std::env::var_os("IDIFF_FIXTURES") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"),
+    };
+    dir.is_dir().then_some(dir)
+}
+
+/// Path of one fixture file; `None` (with a skip note) when fixtures are unavailable.
+///
+/// # Panics
+/// Under `CI=true` a missing fixture panics, so CI cannot silently skip parity tests.
+pub fn fixture(name: &str) -> Option<PathBuf> {
+    let path = fixtures_dir().map(|d| d.join(name));
+    match path {
+        Some(p) if p.exists() => Some(p),
+        _ => {
+            if std::env::var("CI").map(|v| v == "true").unwrap_or(false) {
+                panic!("fixture {name} is missing (set IDIFF_FIXTURES); CI=true forbids skipping");
+            }
+            eprintln!("skipping: fixture {name} not found (set IDIFF_FIXTURES)");
+            None
+        }
+    }
+}
