@@ -125,7 +125,7 @@ pub fn vq_encode(
     let image = require(&io, "image", inputs)?;
     check_finite(image, "image", inputs)?;
     let latent = encoder.encode(image)?;
-    let indices = decoder.quantizer().indices(&latent)?;
+    let indices = decoder.quantizer().indices(&latent)?.to_dtype(DType::I64)?;
     write_outputs(out, vec![("latent", latent), ("code_indices", indices)])
 }
 
