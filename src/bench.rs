@@ -115,9 +115,11 @@ pub fn run(args: &BenchArgs) -> Result<Vec<Measurement>> {
         let unet = random_unet(&cfg, dtype, &device)?;
         for &b in &args.batches {
             let s = cfg.latent_size;
-            let x = Tensor::randn(0f32, 1.0, (b, cfg.input_channels, s, s), &device)?.to_dtype(dtype)?;
+            let x = Tensor::randn(0f32, 1.0, (b, cfg.input_channels, s, s), &device)?
+                .to_dtype(dtype)?;
             let t = Tensor::from_vec(vec![500i64; b], b, &device)?;
-            let ctx = Tensor::randn(0f32, 1.0, (b, cfg.context_input_channels), &device)?.to_dtype(dtype)?;
+            let ctx = Tensor::randn(0f32, 1.0, (b, cfg.context_input_channels), &device)?
+                .to_dtype(dtype)?;
             let ms = median_ms(args.repeats, || {
                 let eps = unet.forward(&x, &t, Some(&ctx))?;
                 device.synchronize()?;
@@ -138,7 +140,12 @@ pub fn run(args: &BenchArgs) -> Result<Vec<Measurement>> {
             let sampler = Sampler::new(&unet, &schedule);
             let n = args.ddim_images.max(1);
             let ctx = Tensor::randn(0f32, 1.0, (n, cfg.context_input_channels), &device)?;
-            let keys: Vec<ImageKey> = (0..n as u64).map(|s| ImageKey { identity: 0, sample: s }).collect();
+            let keys: Vec<ImageKey> = (0..n as u64)
+                .map(|s| ImageKey {
+                    identity: 0,
+                    sample: s,
+                })
+                .collect();
             let settings = SamplingSettings {
                 sampler: SamplerKind::Ddim {
                     steps: args.ddim_steps,
@@ -187,7 +194,10 @@ pub fn run(args: &BenchArgs) -> Result<Vec<Measurement>> {
 
 fn print_row(m: &Measurement) {
     let reference = match m.reference_ms_per_image {
-        Some(r) => format!("reference {r:>8.1} ms/image  ratio {:.2}×", m.ms_per_image / r),
+        Some(r) => format!(
+            "reference {r:>8.1} ms/image  ratio {:.2}×",
+            m.ms_per_image / r
+        ),
         None => String::new(),
     };
     println!(

@@ -99,12 +99,13 @@ fn read_torch_zip(path: &Path) -> Result<HashMap<String, Tensor>> {
             path.display()
         )
     };
-    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let config = zip::read::Config {
         archive_offset: zip::read::ArchiveOffset::Known(0),
-        ..Default::default()
     };
-    let mut zip = zip::ZipArchive::with_config(config, BufReader::new(file)).map_err(|e| bad(&e))?;
+    let mut zip =
+        zip::ZipArchive::with_config(config, BufReader::new(file)).map_err(|e| bad(&e))?;
     let pkl_name = zip
         .file_names()
         .filter_map(|n| n.ok())
@@ -201,10 +202,21 @@ fn tensor_from_storage(storage: &[u8], info: &candle_core::pickle::TensorInfo) -
     } else {
         gather_strided(storage, start, &dims, &strides, elem)
     };
-    Ok(Tensor::from_raw_buffer(&bytes, info.dtype, &dims, &Device::Cpu)?)
+    Ok(Tensor::from_raw_buffer(
+        &bytes,
+        info.dtype,
+        &dims,
+        &Device::Cpu,
+    )?)
 }
 
-fn gather_strided(storage: &[u8], start: usize, dims: &[usize], strides: &[usize], elem: usize) -> Vec<u8> {
+fn gather_strided(
+    storage: &[u8],
+    start: usize,
+    dims: &[usize],
+    strides: &[usize],
+    elem: usize,
+) -> Vec<u8> {
     let count: usize = dims.iter().product();
     let mut out = Vec::with_capacity(count * elem);
     let mut index = vec![0usize; dims.len()];
@@ -333,7 +345,11 @@ fn record<M>(
         tensors,
         requested: Mutex::new(Vec::new()),
     });
-    let vb = VarBuilder::from_backend(Box::new(SharedRecorder(backend.clone())), dtype, device.clone());
+    let vb = VarBuilder::from_backend(
+        Box::new(SharedRecorder(backend.clone())),
+        dtype,
+        device.clone(),
+    );
     let model = build(vb)?;
     let specs = backend.requested.lock().expect("recording lock").clone();
     Ok((model, specs))
@@ -411,7 +427,12 @@ pub fn check_against(state: &StateDict, specs: &[ParameterSpec]) -> Result<()> {
 
 fn summarise(list: &[String]) -> String {
     const SHOWN: usize = 6;
-    let mut s = list.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", ");
+    let mut s = list
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
     if list.len() > SHOWN {
         s.push_str(&format!(", … {} more", list.len() - SHOWN));
     }
@@ -472,8 +493,14 @@ mod tests {
     #[test]
     fn reports_mismatches_by_name_with_both_shapes() {
         let mut tensors = HashMap::new();
-        tensors.insert("a.weight".to_owned(), Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap());
-        tensors.insert("extra".to_owned(), Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap());
+        tensors.insert(
+            "a.weight".to_owned(),
+            Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap(),
+        );
+        tensors.insert(
+            "extra".to_owned(),
+            Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap(),
+        );
         let sd = StateDict {
             tensors,
             path: PathBuf::from("w.safetensors"),
@@ -484,7 +511,10 @@ mod tests {
         })
         .unwrap_err()
         .to_string();
-        assert!(err.contains("`a.weight` checkpoint [2, 3] vs config [3, 3]"), "{err}");
+        assert!(
+            err.contains("`a.weight` checkpoint [2, 3] vs config [3, 3]"),
+            "{err}"
+        );
         assert!(err.contains("missing (1): `b.bias` [5]"), "{err}");
         assert!(err.contains("unexpected (1): `extra` [4]"), "{err}");
     }

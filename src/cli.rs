@@ -1,8 +1,12 @@
 //! The command-line interface: every studio action as a subcommand of the same binary.
 
 use crate::diffusion::sampler::{SamplerKind, SamplingSettings};
-use crate::generate::{run_generate, GenerateEvent, GenerateOutcome, GenerateRequest, IdentitySource, Shard};
-use crate::pipeline::{enable_flush_to_zero, parse_device, parse_dtype, sha256_file, Pipeline, WeightPaths};
+use crate::generate::{
+    run_generate, GenerateEvent, GenerateOutcome, GenerateRequest, IdentitySource, Shard,
+};
+use crate::pipeline::{
+    enable_flush_to_zero, parse_device, parse_dtype, sha256_file, Pipeline, WeightPaths,
+};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -184,9 +188,13 @@ pub fn main_with(cli: Cli) -> Result<i32> {
 fn forward(cmd: ForwardCommand) -> Result<()> {
     use crate::forward as f;
     match cmd {
-        ForwardCommand::Unet { weights, io } => {
-            f::unet(&weights, io.config.as_deref(), &io.inputs, &io.out, &parse_device(&io.device)?)
-        }
+        ForwardCommand::Unet { weights, io } => f::unet(
+            &weights,
+            io.config.as_deref(),
+            &io.inputs,
+            &io.out,
+            &parse_device(&io.device)?,
+        ),
         ForwardCommand::DdpmSteps { weights, steps, io } => f::ddpm_steps(
             &weights,
             io.config.as_deref(),
@@ -195,7 +203,11 @@ fn forward(cmd: ForwardCommand) -> Result<()> {
             &io.out,
             &parse_device(&io.device)?,
         ),
-        ForwardCommand::VqEncode { encoder, codebook, io } => f::vq_encode(
+        ForwardCommand::VqEncode {
+            encoder,
+            codebook,
+            io,
+        } => f::vq_encode(
             &encoder,
             codebook.as_deref(),
             io.config.as_deref(),
@@ -203,12 +215,20 @@ fn forward(cmd: ForwardCommand) -> Result<()> {
             &io.out,
             &parse_device(&io.device)?,
         ),
-        ForwardCommand::VqDecode { decoder, io } => {
-            f::vq_decode(&decoder, io.config.as_deref(), &io.inputs, &io.out, &parse_device(&io.device)?)
-        }
-        ForwardCommand::Iresnet { weights, io } => {
-            f::iresnet(&weights, io.config.as_deref(), &io.inputs, &io.out, &parse_device(&io.device)?)
-        }
+        ForwardCommand::VqDecode { decoder, io } => f::vq_decode(
+            &decoder,
+            io.config.as_deref(),
+            &io.inputs,
+            &io.out,
+            &parse_device(&io.device)?,
+        ),
+        ForwardCommand::Iresnet { weights, io } => f::iresnet(
+            &weights,
+            io.config.as_deref(),
+            &io.inputs,
+            &io.out,
+            &parse_device(&io.device)?,
+        ),
     }
 }
 
@@ -273,10 +293,16 @@ fn generate(a: GenerateArgs) -> Result<i32> {
     );
     let mut images_done = 0u64;
     let outcome = run_generate(&req, &pipeline, &cancel, &mut |e| match e {
-        GenerateEvent::Started { pending, resumed, images } => {
+        GenerateEvent::Started {
+            pending,
+            resumed,
+            images,
+        } => {
             bar.set_length(images as u64);
             if resumed > 0 {
-                bar.println(format!("resuming: {resumed} identities already done, {pending} to go"));
+                bar.println(format!(
+                    "resuming: {resumed} identities already done, {pending} to go"
+                ));
             }
         }
         GenerateEvent::Step { done, total, batch } => {

@@ -22,7 +22,11 @@ pub fn read_inputs(path: &Path, device: &Device) -> Result<HashMap<String, Tenso
 }
 
 /// Takes a required input tensor, naming the file and tensor when it is absent.
-pub fn require<'a>(inputs: &'a HashMap<String, Tensor>, name: &str, file: &Path) -> Result<&'a Tensor> {
+pub fn require<'a>(
+    inputs: &'a HashMap<String, Tensor>,
+    name: &str,
+    file: &Path,
+) -> Result<&'a Tensor> {
     inputs
         .get(name)
         .with_context(|| format!("{}: input tensor `{name}` is missing", file.display()))
@@ -35,22 +39,33 @@ pub fn write_outputs(path: &Path, tensors: Vec<(&str, Tensor)>) -> Result<()> {
         .map(|(k, t)| Ok((k.to_owned(), t.to_device(&Device::Cpu)?)))
         .collect::<Result<_>>()?;
     let tmp = path.with_extension("partial.safetensors");
-    candle_core::safetensors::save(&map, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))?;
+    candle_core::safetensors::save(&map, &tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot move {} into place", path.display()))?;
     Ok(())
 }
 
 fn check_finite(t: &Tensor, name: &str, file: &Path) -> Result<()> {
     let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-        anyhow::bail!("{}: input tensor `{name}` holds a non-finite value at flat index {i}", file.display());
+        anyhow::bail!(
+            "{}: input tensor `{name}` holds a non-finite value at flat index {i}",
+            file.display()
+        );
     }
     Ok(())
 }
 
 /// `forward unet`: reads `x`, `t` (int64) and optional `context` (absent → the empty
 /// context), writes `eps`.
-pub fn unet(weights: &Path, config: Option<&Path>, inputs: &Path, out: &Path, device: &Device) -> Result<()> {
+pub fn unet(
+    weights: &Path,
+    config: Option<&Path>,
+    inputs: &Path,
+    out: &Path,
+    device: &Device,
+) -> Result<()> {
     let (cfg, _) = unet_config_for(weights, config)?;
     let model = ConditionalUNet::load(weights, &cfg, &Schedule::reference(), DType::F32, device)?;
     let io = read_inputs(inputs, device)?;
@@ -84,11 +99,18 @@ pub fn ddpm_steps(
     let noise = io.get("ddpm_noise");
     let sampler = Sampler::new(&model, &schedule);
     for (k, &t) in steps.iter().enumerate() {
-        anyhow::ensure!(t < schedule.len(), "step {t} is outside 0..{}", schedule.len());
+        anyhow::ensure!(
+            t < schedule.len(),
+            "step {t} is outside 0..{}",
+            schedule.len()
+        );
         let eps = sampler.guided_eps(&x, t, &c, 1.0)?;
         let z = match noise {
             Some(n) if t > 1 => Some(n.get(k).with_context(|| {
-                format!("{}: `ddpm_noise` has no entry {k} for step {t}", inputs.display())
+                format!(
+                    "{}: `ddpm_noise` has no entry {k} for step {t}",
+                    inputs.display()
+                )
             })?),
             None if t > 1 => anyhow::bail!("{}: step {t} needs `ddpm_noise`", inputs.display()),
             _ => None,
@@ -137,7 +159,13 @@ fn sibling_decoder(encoder: &Path) -> Option<std::path::PathBuf> {
 
 /// `forward vq-decode`: reads `latent`, writes `decoded_quantized`,
 /// `decoded_not_quantized` and `decoded_quantized_01`.
-pub fn vq_decode(weights: &Path, config: Option<&Path>, inputs: &Path, out: &Path, device: &Device) -> Result<()> {
+pub fn vq_decode(
+    weights: &Path,
+    config: Option<&Path>,
+    inputs: &Path,
+    out: &Path,
+    device: &Device,
+) -> Result<()> {
     let cfg = vq_config(config)?;
     let decoder = VqDecoder::load(weights, &cfg, device)?;
     let io = read_inputs(inputs, device)?;
@@ -147,12 +175,22 @@ pub fn vq_decode(weights: &Path, config: Option<&Path>, inputs: &Path, out: &Pat
     let q01 = ((q.clamp(-1f32, 1f32)? + 1.0)? / 2.0)?;
     write_outputs(
         out,
-        vec![("decoded_quantized", q), ("decoded_not_quantized", nq), ("decoded_quantized_01", q01)],
+        vec![
+            ("decoded_quantized", q),
+            ("decoded_not_quantized", nq),
+            ("decoded_quantized_01", q01),
+        ],
     )
 }
 
 /// `forward iresnet`: reads `image`, writes `embedding` (raw, not normalised).
-pub fn iresnet(weights: &Path, config: Option<&Path>, inputs: &Path, out: &Path, device: &Device) -> Result<()> {
+pub fn iresnet(
+    weights: &Path,
+    config: Option<&Path>,
+    inputs: &Path,
+    out: &Path,
+    device: &Device,
+) -> Result<()> {
     let cfg: IResNetConfig = match config {
         Some(p) => read_config(p)?,
         None => IResNetConfig::iresnet100(),

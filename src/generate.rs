@@ -95,7 +95,10 @@ impl std::str::FromStr for Shard {
             index: i.trim().parse().context("shard index")?,
             count: n.trim().parse().context("shard count")?,
         };
-        anyhow::ensure!(shard.count > 0 && shard.index < shard.count, "shard {s}: need 0 <= i < N");
+        anyhow::ensure!(
+            shard.count > 0 && shard.index < shard.count,
+            "shard {s}: need 0 <= i < N"
+        );
         Ok(shard)
     }
 }
@@ -169,7 +172,10 @@ pub struct FileRecord {
 impl FileRecord {
     fn of(path: &Path) -> Result<Self> {
         Ok(Self {
-            name: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            name: path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             sha256: sha256_file(path)?,
         })
     }
@@ -310,7 +316,10 @@ pub fn run_generate(
         .collect();
     let mut buffers: BTreeMap<usize, Vec<Option<RgbImage>>> = BTreeMap::new();
     for chunk in work.chunks(req.batch_size) {
-        let contexts: Vec<Vec<f32>> = chunk.iter().map(|(slot, _)| pending[*slot].context.clone()).collect();
+        let contexts: Vec<Vec<f32>> = chunk
+            .iter()
+            .map(|(slot, _)| pending[*slot].context.clone())
+            .collect();
         let keys: Vec<ImageKey> = chunk.iter().map(|(_, k)| *k).collect();
         let batch = chunk.len();
         let images = pipeline.generate_batch(&contexts, &keys, &req.settings, &mut |p| {
@@ -327,10 +336,17 @@ pub fn run_generate(
             });
         };
         for ((slot, key), img) in chunk.iter().zip(images) {
-            let buf = buffers.entry(*slot).or_insert_with(|| vec![None; req.per_identity]);
+            let buf = buffers
+                .entry(*slot)
+                .or_insert_with(|| vec![None; req.per_identity]);
             buf[key.sample as usize] = Some(img);
             if buf.iter().all(Option::is_some) {
-                let imgs: Vec<RgbImage> = buffers.remove(slot).unwrap_or_default().into_iter().flatten().collect();
+                let imgs: Vec<RgbImage> = buffers
+                    .remove(slot)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .flatten()
+                    .collect();
                 let index = pending[*slot].index;
                 write_identity(&req.out, index, &imgs)?;
                 manifest.completed.push(index);
@@ -352,10 +368,12 @@ pub fn run_generate(
 }
 
 fn prepare_out_dir(out: &Path) -> Result<()> {
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create output folder {}", out.display()))?;
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("cannot create output folder {}", out.display()))?;
     // Probe writability up front so a read-only destination fails before any work.
     let probe = out.join(".idiff-write-test");
-    std::fs::write(&probe, b"ok").with_context(|| format!("output folder {} is not writable", out.display()))?;
+    std::fs::write(&probe, b"ok")
+        .with_context(|| format!("output folder {} is not writable", out.display()))?;
     let _ = std::fs::remove_file(&probe);
     // Leftovers of an interrupted identity are discarded.
     if let Ok(entries) = std::fs::read_dir(out) {
@@ -372,13 +390,18 @@ fn read_manifest(path: &Path) -> Result<Option<Manifest>> {
     if !path.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let m = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: invalid manifest: {e}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let m = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: invalid manifest: {e}", path.display()))?;
     Ok(Some(m))
 }
 
 fn first_difference(a: &Generation, b: &Generation) -> String {
-    let (a, b) = (serde_json::to_value(a).unwrap_or_default(), serde_json::to_value(b).unwrap_or_default());
+    let (a, b) = (
+        serde_json::to_value(a).unwrap_or_default(),
+        serde_json::to_value(b).unwrap_or_default(),
+    );
     if let (Some(a), Some(b)) = (a.as_object(), b.as_object()) {
         for (k, v) in a {
             if b.get(k) != Some(v) {
@@ -399,7 +422,8 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
 pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp-write");
     std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot move {} into place", path.display()))?;
     Ok(())
 }
 
@@ -410,12 +434,15 @@ fn write_identity(out: &Path, identity: usize, images: &[RgbImage]) -> Result<()
     std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     for (s, img) in images.iter().enumerate() {
         let p = tmp.join(sample_file_name(s));
-        img.save(&p).with_context(|| format!("cannot write {}", p.display()))?;
+        img.save(&p)
+            .with_context(|| format!("cannot write {}", p.display()))?;
     }
     if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).with_context(|| format!("cannot replace {}", final_dir.display()))?;
+        std::fs::remove_dir_all(&final_dir)
+            .with_context(|| format!("cannot replace {}", final_dir.display()))?;
     }
-    std::fs::rename(&tmp, &final_dir).with_context(|| format!("cannot move {} into place", final_dir.display()))?;
+    std::fs::rename(&tmp, &final_dir)
+        .with_context(|| format!("cannot move {} into place", final_dir.display()))?;
     Ok(())
 }
 
@@ -438,7 +465,10 @@ fn write_grid(out: &Path, completed: &[usize], per_identity: usize) -> Result<()
     }
     if let Some(grid) = compose_grid(&tiles, 2) {
         let mut bytes = Vec::new();
-        grid.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)?;
+        grid.write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Png,
+        )?;
         write_bytes_atomic(&out.join("grid.png"), &bytes)?;
     }
     Ok(())
@@ -450,7 +480,11 @@ pub fn compose_grid(rows: &[Vec<RgbImage>], gap: u32) -> Option<RgbImage> {
     let (w, h) = first.dimensions();
     let cols = rows.iter().map(Vec::len).max()? as u32;
     let n_rows = rows.len() as u32;
-    let mut grid = RgbImage::from_pixel(cols * (w + gap) + gap, n_rows * (h + gap) + gap, image::Rgb([255, 255, 255]));
+    let mut grid = RgbImage::from_pixel(
+        cols * (w + gap) + gap,
+        n_rows * (h + gap) + gap,
+        image::Rgb([255, 255, 255]),
+    );
     for (r, row) in rows.iter().enumerate() {
         for (c, tile) in row.iter().enumerate() {
             let x = gap + c as u32 * (w + gap);

@@ -274,9 +274,9 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 // torch.save zip / pickle
 
 fn parse_torch_zip(bytes: &[u8]) -> Result<Contexts> {
+    // zip's default archive-offset detection rejects some valid torch files.
     let config = zip::read::Config {
         archive_offset: zip::read::ArchiveOffset::Known(0),
-        ..Default::default()
     };
     let mut archive = zip::ZipArchive::with_config(config, Cursor::new(bytes))
         .map_err(|e| anyhow!("not a readable torch zip archive: {e}"))?;
@@ -328,7 +328,10 @@ fn parse_pickle(bytes: &[u8]) -> Result<Contexts> {
         match dim {
             None => dim = Some(row.len()),
             Some(d) if d != row.len() => {
-                bail!("key '{name}' has width {}, earlier keys have {d}", row.len())
+                bail!(
+                    "key '{name}' has width {}, earlier keys have {d}",
+                    row.len()
+                )
             }
             Some(_) => {}
         }
@@ -369,9 +372,7 @@ fn run_pickle(bytes: &[u8]) -> Result<(Object, Vec<String>)> {
             break;
         }
     }
-    let root = stack
-        .finalize()
-        .map_err(|e| anyhow!("bad pickle: {e}"))?;
+    let root = stack.finalize().map_err(|e| anyhow!("bad pickle: {e}"))?;
     Ok((root, keys))
 }
 
@@ -440,7 +441,11 @@ fn ndarray_vector(obj: Object) -> Result<Vec<f32>> {
         Object::Tuple(t) if t.len() == 5 || t.len() == 4 => t,
         _ => bail!("numpy array state is not a (version, shape, dtype, fortran, data) tuple"),
     };
-    let raw = state.pop().map(pickled_bytes).transpose()?.unwrap_or_default();
+    let raw = state
+        .pop()
+        .map(pickled_bytes)
+        .transpose()?
+        .unwrap_or_default();
     let _fortran = state.pop();
     let dtype = state.pop().map(numpy_dtype).transpose()?;
     let shape = state.pop().map(shape_of).transpose()?.unwrap_or_default();
@@ -582,10 +587,14 @@ fn parse_npy(bytes: &[u8]) -> Result<Contexts> {
 }
 
 fn split_npy(bytes: &[u8]) -> Result<(NpyHeader, &[u8])> {
-    let major = *bytes.get(6).ok_or_else(|| anyhow!(".npy header is truncated"))?;
+    let major = *bytes
+        .get(6)
+        .ok_or_else(|| anyhow!(".npy header is truncated"))?;
     let (len, start) = match major {
         1 => (
-            bytes.get(8..10).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize),
+            bytes
+                .get(8..10)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize),
             10,
         ),
         2 | 3 => (
@@ -623,8 +632,13 @@ fn parse_npy_header(text: &str) -> Result<NpyHeader> {
         .chars()
         .next()
         .filter(|c| *c == '\'' || *c == '"')
-        .ok_or_else(|| anyhow!(".npy dtype is not a simple type string (structured arrays are not supported)"))?;
-    let descr: String = descr_text[1..].chars().take_while(|c| *c != quote).collect();
+        .ok_or_else(|| {
+            anyhow!(".npy dtype is not a simple type string (structured arrays are not supported)")
+        })?;
+    let descr: String = descr_text[1..]
+        .chars()
+        .take_while(|c| *c != quote)
+        .collect();
     let fortran = value_after("fortran_order")?.starts_with("True");
     let shape_text = value_after("shape")?;
     let inner = shape_text
@@ -680,7 +694,8 @@ fn parse_safetensors(bytes: &[u8]) -> Result<Contexts> {
         other => bail!("tensor '{name}' has dtype {other:?}, expected F32 or F64"),
     };
     let data = decode_floats(view.data(), descr, false, rows * dim)?;
-    let row_names = stored_names(bytes, rows).unwrap_or_else(|| (0..rows).map(|i| i.to_string()).collect());
+    let row_names =
+        stored_names(bytes, rows).unwrap_or_else(|| (0..rows).map(|i| i.to_string()).collect());
     Contexts::new(row_names, dim, data)
 }
 
@@ -743,7 +758,12 @@ pub fn slerp(a: &[f32], b: &[f32], t: f32) -> Result<Vec<f32>> {
     let a = normalised(a).ok_or_else(|| anyhow!("slerp: first vector has zero length"))?;
     let b = normalised(b).ok_or_else(|| anyhow!("slerp: second vector has zero length"))?;
     let t = f64::from(t);
-    let dot: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum::<f64>().clamp(-1.0, 1.0);
+    let dot: f64 = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| x * y)
+        .sum::<f64>()
+        .clamp(-1.0, 1.0);
     ensure!(
         dot > -1.0 + 1e-9,
         "slerp: the vectors are antipodal, so the path between them is undefined"
@@ -796,13 +816,19 @@ mod tests {
             return;
         };
         let bytes = std::fs::read(&ctx_path).unwrap();
-        assert_eq!(ContextFormat::detect(&bytes).unwrap(), ContextFormat::TorchZip);
+        assert_eq!(
+            ContextFormat::detect(&bytes).unwrap(),
+            ContextFormat::TorchZip
+        );
         let ctx = Contexts::load(&ctx_path, 512).unwrap();
         let (shape, expected) = read_expected_contexts(&exp_path);
         assert_eq!(shape, vec![8, 512]);
         assert_eq!(ctx.dim, 512);
         assert_eq!(ctx.names, (0..8).map(|i| i.to_string()).collect::<Vec<_>>());
-        assert_eq!(ctx.data, expected, "contexts differ from the fixture bit for bit");
+        assert_eq!(
+            ctx.data, expected,
+            "contexts differ from the fixture bit for bit"
+        );
         for row in ctx.rows() {
             let norm: f32 = row.iter().map(|v| v * v).sum::<f32>().sqrt();
             assert!((norm - 1.0).abs() < 1e-5, "reference rows are unit length");
@@ -882,7 +908,10 @@ mod tests {
             .map(|(i, n)| (*n, vec![i as f32, 1.0, -0.5 * i as f32]))
             .collect();
         let bytes = dict_pickle(&entries, 4);
-        assert_eq!(ContextFormat::detect(&bytes).unwrap(), ContextFormat::Pickle);
+        assert_eq!(
+            ContextFormat::detect(&bytes).unwrap(),
+            ContextFormat::Pickle
+        );
         let ctx = Contexts::from_bytes(&bytes, 3).unwrap();
         assert_eq!(ctx.names, names);
         for (i, row) in ctx.rows().enumerate() {
@@ -941,7 +970,10 @@ mod tests {
         let f_f32: Vec<u8> = fortran.iter().flat_map(|v| v.to_le_bytes()).collect();
         let f = Contexts::from_bytes(&npy_bytes(3, "<f4", true, "(2, 3)", &f_f32), 3).unwrap();
         assert_eq!(f.data, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
-        let be: Vec<u8> = [0.5f32, -2.0].iter().flat_map(|v| v.to_be_bytes()).collect();
+        let be: Vec<u8> = [0.5f32, -2.0]
+            .iter()
+            .flat_map(|v| v.to_be_bytes())
+            .collect();
         let b = Contexts::from_bytes(&npy_bytes(1, ">f4", false, "(2,)", &be), 2).unwrap();
         assert_eq!(b.data, vec![0.5, -2.0]);
         assert_eq!(b.len(), 1);
@@ -984,9 +1016,12 @@ mod tests {
 
     #[test]
     fn safetensors_single_other_tensor_is_accepted() {
-        let raw: Vec<u8> = [1f32, 0.0, 0.0, 1.0].iter().flat_map(|v| v.to_le_bytes()).collect();
-        let view =
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 2], &raw).unwrap();
+        let raw: Vec<u8> = [1f32, 0.0, 0.0, 1.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 2], &raw)
+            .unwrap();
         let bytes = safetensors::serialize([("embeddings", view)], None).unwrap();
         let ctx = Contexts::from_bytes(&bytes, 2).unwrap();
         assert_eq!(ctx.data, vec![1.0, 0.0, 0.0, 1.0]);
@@ -1011,13 +1046,19 @@ mod tests {
                 let p = dir.path().join(format!("cut{cut}.npy"));
                 std::fs::write(&p, &bytes[..cut]).unwrap();
                 let msg = format!("{}", Contexts::load(&p, 512).unwrap_err());
-                assert!(msg.contains(&format!("cut{cut}.npy")) && !msg.contains('\n'), "{msg}");
+                assert!(
+                    msg.contains(&format!("cut{cut}.npy")) && !msg.contains('\n'),
+                    "{msg}"
+                );
             }
         }
         let entries = vec![("a", vec![0.0f32; 4])];
         let pickle = dict_pickle(&entries, 10);
         for cut in 1..pickle.len() {
-            assert!(Contexts::from_bytes(&pickle[..cut], 4).is_err(), "cut at {cut}");
+            assert!(
+                Contexts::from_bytes(&pickle[..cut], 4).is_err(),
+                "cut at {cut}"
+            );
         }
     }
 
@@ -1040,7 +1081,12 @@ mod tests {
             }
         }
         // Coordinates of unit vectors have variance 1/dim.
-        let var = all.iter().flatten().map(|&x| f64::from(x).powi(2)).sum::<f64>() / 5120.0;
+        let var = all
+            .iter()
+            .flatten()
+            .map(|&x| f64::from(x).powi(2))
+            .sum::<f64>()
+            / 5120.0;
         assert!((var * 512.0 - 1.0).abs() < 1e-6);
     }
 
@@ -1065,7 +1111,10 @@ mod tests {
         assert!(close(&slerp(&a, &b, 0.5).unwrap(), &[h, h, 0.0]));
         // 1/3 of the way along a 90° arc is 30° from a.
         let third = slerp(&a, &b, 1.0 / 3.0).unwrap();
-        assert!(close(&third, &[30f32.to_radians().cos(), 30f32.to_radians().sin(), 0.0]));
+        assert!(close(
+            &third,
+            &[30f32.to_radians().cos(), 30f32.to_radians().sin(), 0.0]
+        ));
         assert!(close(&slerp(&a, &a, 0.3).unwrap(), &a));
         assert!(slerp(&a, &[-1.0, 0.0, 0.0], 0.5).is_err());
         assert!(slerp(&a, &[0.0, 0.0], 0.5).is_err());

@@ -13,3 +13,4 @@ pub mod cli;
 pub mod forward;
 pub mod generate;
 pub mod pipeline;
+pub mod procface;

@@ -73,7 +73,10 @@ impl Pipeline {
         on_step: &mut dyn FnMut(&StepProgress) -> bool,
     ) -> Result<Option<Vec<RgbImage>>> {
         let width = self.unet_config().context_input_channels;
-        anyhow::ensure!(contexts.len() == keys.len(), "contexts and keys differ in length");
+        anyhow::ensure!(
+            contexts.len() == keys.len(),
+            "contexts and keys differ in length"
+        );
         for (c, k) in contexts.iter().zip(keys) {
             anyhow::ensure!(
                 c.len() == width,
@@ -93,7 +96,10 @@ impl Pipeline {
 
     /// Decodes latents (B, 3, h, w) to RGB images.
     pub fn decode(&self, latents: &Tensor) -> Result<Vec<RgbImage>> {
-        let unit = self.decoder.decode_to_unit(latents, true).context("VQ decode")?;
+        let unit = self
+            .decoder
+            .decode_to_unit(latents, true)
+            .context("VQ decode")?;
         unit_tensor_to_images(&unit)
     }
 }
@@ -103,14 +109,19 @@ impl Pipeline {
 pub fn unit_tensor_to_images(t: &Tensor) -> Result<Vec<RgbImage>> {
     let (b, c, h, w) = t.dims4()?;
     anyhow::ensure!(c == 3, "expected 3 channels, got {c}");
-    let data: Vec<f32> = t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+    let data: Vec<f32> = t
+        .to_dtype(DType::F32)?
+        .to_device(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1()?;
     let plane = h * w;
     Ok((0..b)
         .map(|i| {
             let base = i * 3 * plane;
             RgbImage::from_fn(w as u32, h as u32, |x, y| {
                 let p = y as usize * w + x as usize;
-                let px = |ch: usize| (data[base + ch * plane + p] * 255.0 + 0.5).clamp(0.0, 255.0) as u8;
+                let px =
+                    |ch: usize| (data[base + ch * plane + p] * 255.0 + 0.5).clamp(0.0, 255.0) as u8;
                 image::Rgb([px(0), px(1), px(2)])
             })
         })
@@ -122,10 +133,14 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     match spec {
         "cpu" => Ok(Device::Cpu),
         s if s.starts_with("cuda") => {
-            let ordinal = s.strip_prefix("cuda:").map_or(Ok(0), |n| n.parse::<usize>())
+            let ordinal = s
+                .strip_prefix("cuda:")
+                .map_or(Ok(0), |n| n.parse::<usize>())
                 .with_context(|| format!("bad device {s:?} (expected cuda:N)"))?;
             if !candle_core::utils::cuda_is_available() {
-                anyhow::bail!("device {s}: this build has no CUDA support (rebuild with --features cuda)");
+                anyhow::bail!(
+                    "device {s}: this build has no CUDA support (rebuild with --features cuda)"
+                );
             }
             Ok(Device::new_cuda(ordinal)?)
         }
@@ -162,7 +177,8 @@ pub fn enable_flush_to_zero() {
 /// Hex SHA-256 of a file, streamed.
 pub fn sha256_file(path: &Path) -> Result<String> {
     use sha2::{Digest, Sha256};
-    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut h = Sha256::new();
     std::io::copy(&mut f, &mut h).with_context(|| format!("cannot read {}", path.display()))?;
     Ok(format!("{:x}", h.finalize()))

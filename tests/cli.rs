@@ -24,7 +24,11 @@ fn s(p: &Path) -> &str {
 fn assert_one_line_error(out: &Output, needle: &str) {
     assert!(!out.status.success(), "expected failure");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(err.trim_end().lines().count(), 1, "stderr not one line: {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "stderr not one line: {err}"
+    );
     assert!(err.contains(needle), "stderr {err:?} lacks {needle:?}");
     assert!(!err.contains("panicked"), "{err}");
 }
@@ -53,7 +57,18 @@ fn forward_unet_cli_matches_reference() {
     };
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("eps.safetensors");
-    let o = run(&["forward", "unet", "--weights", s(&w), "--config", s(&cfg), "--inputs", s(&io), "--out", s(&out)]);
+    let o = run(&[
+        "forward",
+        "unet",
+        "--weights",
+        s(&w),
+        "--config",
+        s(&cfg),
+        "--inputs",
+        s(&io),
+        "--out",
+        s(&out),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let dev = candle_core::Device::Cpu;
     let got = candle_core::safetensors::load(&out, &dev).unwrap();
@@ -62,10 +77,23 @@ fn forward_unet_cli_matches_reference() {
 
     // Without `context` the empty context is used.
     let only_xt = dir.path().join("xt.safetensors");
-    let sub: std::collections::HashMap<String, candle_core::Tensor> =
-        ["x", "t"].iter().map(|k| (k.to_string(), want[*k].clone())).collect();
+    let sub: std::collections::HashMap<String, candle_core::Tensor> = ["x", "t"]
+        .iter()
+        .map(|k| (k.to_string(), want[*k].clone()))
+        .collect();
     candle_core::safetensors::save(&sub, &only_xt).unwrap();
-    let o = run(&["forward", "unet", "--weights", s(&w), "--config", s(&cfg), "--inputs", s(&only_xt), "--out", s(&out)]);
+    let o = run(&[
+        "forward",
+        "unet",
+        "--weights",
+        s(&w),
+        "--config",
+        s(&cfg),
+        "--inputs",
+        s(&only_xt),
+        "--out",
+        s(&out),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let got = candle_core::safetensors::load(&out, &dev).unwrap();
     assert!(max_abs(&got["eps"], &want["eps_empty_context"]) <= 1e-4);
@@ -83,8 +111,18 @@ fn forward_ddpm_steps_cli_matches_reference_chain() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("x.safetensors");
     let o = run(&[
-        "forward", "ddpm-steps", "--weights", s(&w), "--config", s(&cfg), "--inputs", s(&io), "--steps", "999,998,997,996",
-        "--out", s(&out),
+        "forward",
+        "ddpm-steps",
+        "--weights",
+        s(&w),
+        "--config",
+        s(&cfg),
+        "--inputs",
+        s(&io),
+        "--steps",
+        "999,998,997,996",
+        "--out",
+        s(&out),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let dev = candle_core::Device::Cpu;
@@ -107,19 +145,53 @@ fn forward_vq_cli_matches_reference() {
     let dev = candle_core::Device::Cpu;
     let want = candle_core::safetensors::load(&io, &dev).unwrap();
     let out = dir.path().join("enc.safetensors");
-    let o = run(&["forward", "vq-encode", "--encoder", s(&enc), "--config", s(&cfg), "--inputs", s(&io), "--out", s(&out)]);
+    let o = run(&[
+        "forward",
+        "vq-encode",
+        "--encoder",
+        s(&enc),
+        "--config",
+        s(&cfg),
+        "--inputs",
+        s(&io),
+        "--out",
+        s(&out),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let got = candle_core::safetensors::load(&out, &dev).unwrap();
     assert!(max_abs(&got["latent"], &want["latent"]) <= 1e-4);
-    let gi: Vec<i64> = got["code_indices"].flatten_all().unwrap().to_vec1().unwrap();
-    let wi: Vec<i64> = want["code_indices"].flatten_all().unwrap().to_vec1().unwrap();
+    let gi: Vec<i64> = got["code_indices"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let wi: Vec<i64> = want["code_indices"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     assert_eq!(gi, wi);
 
     let out = dir.path().join("dec.safetensors");
-    let o = run(&["forward", "vq-decode", "--decoder", s(&dec), "--config", s(&cfg), "--inputs", s(&io), "--out", s(&out)]);
+    let o = run(&[
+        "forward",
+        "vq-decode",
+        "--decoder",
+        s(&dec),
+        "--config",
+        s(&cfg),
+        "--inputs",
+        s(&io),
+        "--out",
+        s(&out),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let got = candle_core::safetensors::load(&out, &dev).unwrap();
-    for k in ["decoded_quantized", "decoded_not_quantized", "decoded_quantized_01"] {
+    for k in [
+        "decoded_quantized",
+        "decoded_not_quantized",
+        "decoded_quantized_01",
+    ] {
         assert!(max_abs(&got[k], &want[k]) <= 1e-4, "{k}");
     }
 }
@@ -135,7 +207,18 @@ fn forward_iresnet_cli_matches_reference() {
     };
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("emb.safetensors");
-    let o = run(&["forward", "iresnet", "--weights", s(&w), "--config", s(&cfg), "--inputs", s(&io), "--out", s(&out)]);
+    let o = run(&[
+        "forward",
+        "iresnet",
+        "--weights",
+        s(&w),
+        "--config",
+        s(&cfg),
+        "--inputs",
+        s(&io),
+        "--out",
+        s(&out),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let dev = candle_core::Device::Cpu;
     let got = candle_core::safetensors::load(&out, &dev).unwrap();
@@ -226,15 +309,25 @@ fn generate_writes_folders_grid_manifest_and_is_batch_invariant() {
         }
     }
     assert!(a.join("grid.png").is_file());
-    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(a.join("manifest.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["status"], "complete");
     assert_eq!(manifest["seed_contract"], 1);
     assert_eq!(manifest["completed"], serde_json::json!([0, 1, 2]));
-    assert_eq!(manifest["generation"]["unet"]["sha256"].as_str().unwrap().len(), 64);
+    assert_eq!(
+        manifest["generation"]["unet"]["sha256"]
+            .as_str()
+            .unwrap()
+            .len(),
+        64
+    );
     // Same images whatever the batch size: the whole output is byte-identical.
     assert_eq!(tree_bytes(&a), tree_bytes(&b));
     // Different samples of one identity differ.
-    assert_ne!(std::fs::read(a.join("000000/0000.png")).unwrap(), std::fs::read(a.join("000000/0001.png")).unwrap());
+    assert_ne!(
+        std::fs::read(a.join("000000/0000.png")).unwrap(),
+        std::fs::read(a.join("000000/0001.png")).unwrap()
+    );
 }
 
 #[test]
@@ -242,7 +335,14 @@ fn generate_resumes_to_identical_bytes_and_shards_cover_the_set() {
     let Some(f) = gen_fixtures() else { return };
     let dir = tempfile::tempdir().unwrap();
     let full = dir.path().join("full");
-    let common = ["--random-identities", "3", "--per-identity", "2", "--batch-size", "2"];
+    let common = [
+        "--random-identities",
+        "3",
+        "--per-identity",
+        "2",
+        "--batch-size",
+        "2",
+    ];
     assert!(generate(&f, &full, &common).status.success());
 
     // Simulate a run killed after identity 0: drop later identities and mark it partial.
@@ -260,19 +360,30 @@ fn generate_resumes_to_identical_bytes_and_shards_cover_the_set() {
     for i in 0..2 {
         let shard = dir.path().join(format!("shard{i}"));
         let spec = format!("{i}/2");
-        assert!(generate(&f, &shard, &[&common[..], &["--shard", &spec]].concat()).status.success());
+        assert!(
+            generate(&f, &shard, &[&common[..], &["--shard", &spec]].concat())
+                .status
+                .success()
+        );
         for id in 0..3 {
             let name = format!("{id:06}/0001.png");
             let in_shard = shard.join(&name);
             assert_eq!(in_shard.exists(), id % 2 == i, "{name} in shard {i}");
             if in_shard.exists() {
-                assert_eq!(std::fs::read(&in_shard).unwrap(), std::fs::read(full.join(&name)).unwrap());
+                assert_eq!(
+                    std::fs::read(&in_shard).unwrap(),
+                    std::fs::read(full.join(&name)).unwrap()
+                );
             }
         }
     }
 
     // Other settings into the same folder are refused.
-    let o = generate(&f, &full, &["--random-identities", "3", "--per-identity", "3"]);
+    let o = generate(
+        &f,
+        &full,
+        &["--random-identities", "3", "--per-identity", "3"],
+    );
     assert_one_line_error(&o, "different generation");
 }
 
@@ -284,39 +395,102 @@ fn bad_inputs_give_one_line_errors() {
     let out = dir.path().join("o.safetensors");
 
     // Missing file.
-    let o = run(&["forward", "unet", "--weights", "/nonexistent/w.ckpt", "--config", s(&f.unet_cfg), "--inputs", s(&io), "--out", s(&out)]);
+    let o = run(&[
+        "forward",
+        "unet",
+        "--weights",
+        "/nonexistent/w.ckpt",
+        "--config",
+        s(&f.unet_cfg),
+        "--inputs",
+        s(&io),
+        "--out",
+        s(&out),
+    ]);
     assert_one_line_error(&o, "/nonexistent/w.ckpt");
 
     // Truncated checkpoint.
     let bytes = std::fs::read(&f.unet).unwrap();
     let cut = dir.path().join("cut.ckpt");
     std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
-    let o = run(&["forward", "unet", "--weights", s(&cut), "--config", s(&f.unet_cfg), "--inputs", s(&io), "--out", s(&out)]);
+    let o = run(&[
+        "forward",
+        "unet",
+        "--weights",
+        s(&cut),
+        "--config",
+        s(&f.unet_cfg),
+        "--inputs",
+        s(&io),
+        "--out",
+        s(&out),
+    ]);
     assert_one_line_error(&o, "cut.ckpt");
 
     // A PNG given as a checkpoint.
     let png = dir.path().join("face.png");
     image::RgbImage::new(8, 8).save(&png).unwrap();
-    let o = run(&["forward", "unet", "--weights", s(&png), "--config", s(&f.unet_cfg), "--inputs", s(&io), "--out", s(&out)]);
+    let o = run(&[
+        "forward",
+        "unet",
+        "--weights",
+        s(&png),
+        "--config",
+        s(&f.unet_cfg),
+        "--inputs",
+        s(&io),
+        "--out",
+        s(&out),
+    ]);
     assert_one_line_error(&o, "PNG");
 
     // Weights that do not match the config.
-    let o = run(&["forward", "unet", "--weights", s(&f.unet), "--inputs", s(&io), "--out", s(&out)]);
-    assert_one_line_error(&o, "`context_emb.weight` checkpoint [64, 512] vs config [256, 512]");
+    let o = run(&[
+        "forward",
+        "unet",
+        "--weights",
+        s(&f.unet),
+        "--inputs",
+        s(&io),
+        "--out",
+        s(&out),
+    ]);
+    assert_one_line_error(
+        &o,
+        "`context_emb.weight` checkpoint [64, 512] vs config [256, 512]",
+    );
 
     // Context files with NaN or the wrong width.
     let nan = dir.path().join("nan.safetensors");
     let mut rows = vec![0.1f32; 2 * 512];
     rows[600] = f32::NAN;
     let t = candle_core::Tensor::from_vec(rows, (2, 512), &candle_core::Device::Cpu).unwrap();
-    candle_core::safetensors::save(&std::collections::HashMap::from([("contexts".to_string(), t)]), &nan).unwrap();
-    let o = generate(&f, &dir.path().join("g1"), &["--contexts", s(&nan), "--per-identity", "1"]);
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("contexts".to_string(), t)]),
+        &nan,
+    )
+    .unwrap();
+    let o = generate(
+        &f,
+        &dir.path().join("g1"),
+        &["--contexts", s(&nan), "--per-identity", "1"],
+    );
     assert_one_line_error(&o, "nan.safetensors");
 
     let narrow = dir.path().join("narrow.safetensors");
-    let t = candle_core::Tensor::zeros((2, 128), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
-    candle_core::safetensors::save(&std::collections::HashMap::from([("contexts".to_string(), t)]), &narrow).unwrap();
-    let o = generate(&f, &dir.path().join("g2"), &["--contexts", s(&narrow), "--per-identity", "1"]);
+    let t =
+        candle_core::Tensor::zeros((2, 128), candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("contexts".to_string(), t)]),
+        &narrow,
+    )
+    .unwrap();
+    let o = generate(
+        &f,
+        &dir.path().join("g2"),
+        &["--contexts", s(&narrow), "--per-identity", "1"],
+    );
     assert_one_line_error(&o, "128");
 }
 
@@ -327,7 +501,18 @@ fn generate_from_reference_context_file() {
     };
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("ctx");
-    let o = generate(&f, &out, &["--contexts", s(&ctx), "--per-identity", "1", "--batch-size", "8"]);
+    let o = generate(
+        &f,
+        &out,
+        &[
+            "--contexts",
+            s(&ctx),
+            "--per-identity",
+            "1",
+            "--batch-size",
+            "8",
+        ],
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     for id in 0..8 {
         assert!(out.join(format!("{id:06}/0000.png")).is_file());

@@ -39,7 +39,9 @@ pub fn stream(seed: u64, key: ImageKey, purpose: &str) -> ChaCha20Rng {
 
 /// `n` standard normal f32 draws.
 pub fn normals(rng: &mut ChaCha20Rng, n: usize) -> Vec<f32> {
-    (0..n).map(|_| rng.sample::<f32, _>(StandardNormal)).collect()
+    (0..n)
+        .map(|_| rng.sample::<f32, _>(StandardNormal))
+        .collect()
 }
 
 /// Inverted-dropout mask of `n` elements: 0 or 1/(1−p).
@@ -56,22 +58,73 @@ mod tests {
 
     #[test]
     fn streams_differ_by_every_key_part_and_repeat_exactly() {
-        let k = ImageKey { identity: 3, sample: 5 };
+        let k = ImageKey {
+            identity: 3,
+            sample: 5,
+        };
         let a = normals(&mut stream(1, k, "noise"), 8);
         assert_eq!(a, normals(&mut stream(1, k, "noise"), 8));
         assert_ne!(a, normals(&mut stream(2, k, "noise"), 8));
-        assert_ne!(a, normals(&mut stream(1, ImageKey { identity: 4, sample: 5 }, "noise"), 8));
-        assert_ne!(a, normals(&mut stream(1, ImageKey { identity: 3, sample: 6 }, "noise"), 8));
+        assert_ne!(
+            a,
+            normals(
+                &mut stream(
+                    1,
+                    ImageKey {
+                        identity: 4,
+                        sample: 5
+                    },
+                    "noise"
+                ),
+                8
+            )
+        );
+        assert_ne!(
+            a,
+            normals(
+                &mut stream(
+                    1,
+                    ImageKey {
+                        identity: 3,
+                        sample: 6
+                    },
+                    "noise"
+                ),
+                8
+            )
+        );
         assert_ne!(a, normals(&mut stream(1, k, "context-dropout"), 8));
     }
 
     #[test]
     fn dropout_mask_rate_and_scale() {
-        let m = dropout_mask(&mut stream(0, ImageKey { identity: 0, sample: 0 }, "d"), 100_000, 0.25);
+        let m = dropout_mask(
+            &mut stream(
+                0,
+                ImageKey {
+                    identity: 0,
+                    sample: 0,
+                },
+                "d",
+            ),
+            100_000,
+            0.25,
+        );
         let dropped = m.iter().filter(|v| **v == 0.0).count() as f64 / m.len() as f64;
         assert!((dropped - 0.25).abs() < 0.01, "{dropped}");
         assert!(m.iter().all(|v| *v == 0.0 || (*v - 4.0 / 3.0).abs() < 1e-6));
-        let none = dropout_mask(&mut stream(0, ImageKey { identity: 0, sample: 0 }, "d"), 1000, 0.0);
+        let none = dropout_mask(
+            &mut stream(
+                0,
+                ImageKey {
+                    identity: 0,
+                    sample: 0,
+                },
+                "d",
+            ),
+            1000,
+            0.0,
+        );
         assert!(none.iter().all(|v| *v == 1.0));
     }
 }

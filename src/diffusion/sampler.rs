@@ -39,7 +39,10 @@ pub struct SamplingSettings {
 impl Default for SamplingSettings {
     fn default() -> Self {
         Self {
-            sampler: SamplerKind::Ddim { steps: 50, eta: 0.0 },
+            sampler: SamplerKind::Ddim {
+                steps: 50,
+                eta: 0.0,
+            },
             guidance: 1.0,
             context_dropout: 0.0,
             seed: 0,
@@ -57,8 +60,14 @@ impl SamplingSettings {
         );
         anyhow::ensure!(self.guidance.is_finite(), "guidance must be finite");
         if let SamplerKind::Ddim { steps, eta } = self.sampler {
-            anyhow::ensure!((1..=1000).contains(&steps), "DDIM steps must be in 1..=1000, got {steps}");
-            anyhow::ensure!((0.0..=1.0).contains(&eta), "eta must be in [0, 1], got {eta}");
+            anyhow::ensure!(
+                (1..=1000).contains(&steps),
+                "DDIM steps must be in 1..=1000, got {steps}"
+            );
+            anyhow::ensure!(
+                (0.0..=1.0).contains(&eta),
+                "eta must be in [0, 1], got {eta}"
+            );
         }
         Ok(())
     }
@@ -110,10 +119,12 @@ impl<'a> Sampler<'a> {
         let cm = c.to_dtype(dtype)?;
         let dev = x.device();
         let eps = if w == 1.0 {
-            self.unet.forward_projected(&xm, &time_tensor(t, b, dev)?, &cm)?
+            self.unet
+                .forward_projected(&xm, &time_tensor(t, b, dev)?, &cm)?
         } else if w == 0.0 {
             let empty = self.unet.empty_context(b, dtype, dev)?;
-            self.unet.forward_projected(&xm, &time_tensor(t, b, dev)?, &empty)?
+            self.unet
+                .forward_projected(&xm, &time_tensor(t, b, dev)?, &empty)?
         } else {
             let empty = self.unet.empty_context(b, dtype, dev)?;
             let both = self.unet.forward_projected(
@@ -134,7 +145,13 @@ impl<'a> Sampler<'a> {
 
     /// One ancestral DDPM step of the reference:
     /// x ← (x − ε·(1−α_t)/sqrt(1−ᾱ_t)) / sqrt(α_t) + sqrt(β_t)·z, with z given only for t > 1.
-    pub fn ddpm_step(&self, x: &Tensor, eps: &Tensor, t: usize, z: Option<&Tensor>) -> Result<Tensor> {
+    pub fn ddpm_step(
+        &self,
+        x: &Tensor,
+        eps: &Tensor,
+        t: usize,
+        z: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let s = self.schedule;
         let mean = ((x - (eps * s.eps_coefficient(t) as f64)?)? * s.sqrt_alpha_inv(t) as f64)?;
         match z {
@@ -178,7 +195,12 @@ impl<'a> Sampler<'a> {
     }
 
     /// Projects raw contexts and applies seeded inference-time context dropout per image.
-    pub fn conditioning(&self, contexts: &Tensor, keys: &[ImageKey], settings: &SamplingSettings) -> Result<Tensor> {
+    pub fn conditioning(
+        &self,
+        contexts: &Tensor,
+        keys: &[ImageKey],
+        settings: &SamplingSettings,
+    ) -> Result<Tensor> {
         let c = self
             .unet
             .project_context(&contexts.to_dtype(self.model_dtype())?)?
@@ -224,7 +246,11 @@ impl<'a> Sampler<'a> {
             let x0 = self.predict_x0(&x, &eps, t)?;
             x = match settings.sampler {
                 SamplerKind::Ddpm => {
-                    let z = if t > 1 { Some(noise_batch(&mut rngs, shape, &dev)?) } else { None };
+                    let z = if t > 1 {
+                        Some(noise_batch(&mut rngs, shape, &dev)?)
+                    } else {
+                        None
+                    };
                     self.ddpm_step(&x, &eps, t, z.as_ref())?
                 }
                 SamplerKind::Ddim { eta, .. } => {
@@ -257,7 +283,11 @@ fn time_tensor(t: usize, b: usize, dev: &Device) -> Result<Tensor> {
 }
 
 /// One latent-sized standard-normal draw from each image's stream, stacked into a batch.
-fn noise_batch(rngs: &mut [ChaCha20Rng], shape: (usize, usize, usize), dev: &Device) -> Result<Tensor> {
+fn noise_batch(
+    rngs: &mut [ChaCha20Rng],
+    shape: (usize, usize, usize),
+    dev: &Device,
+) -> Result<Tensor> {
     let n = shape.0 * shape.1 * shape.2;
     let data: Vec<f32> = rngs.iter_mut().flat_map(|r| rng::normals(r, n)).collect();
     Tensor::from_vec(data, (rngs.len(), shape.0, shape.1, shape.2), dev)
@@ -277,15 +307,27 @@ mod tests {
 
     fn load() -> Option<Fixture> {
         let cfg: UNetConfig =
-            serde_json::from_str(&std::fs::read_to_string(fixture("unet_tiny_config.json")?).ok()?).ok()?;
+            serde_json::from_str(&std::fs::read_to_string(fixture("unet_tiny_config.json")?).ok()?)
+                .ok()?;
         let w = fixture("unet_tiny_eps_model_only.ckpt")?;
-        let io = candle_core::safetensors::load(fixture("unet_tiny_io.safetensors")?, &Device::Cpu).ok()?;
-        let unet = ConditionalUNet::load(w, &cfg, &Schedule::reference(), DType::F32, &Device::Cpu).unwrap();
+        let io = candle_core::safetensors::load(fixture("unet_tiny_io.safetensors")?, &Device::Cpu)
+            .ok()?;
+        let unet = ConditionalUNet::load(w, &cfg, &Schedule::reference(), DType::F32, &Device::Cpu)
+            .unwrap();
         Some(Fixture { unet, io })
     }
 
     fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
     }
 
     #[test]
@@ -326,9 +368,18 @@ mod tests {
 
     fn keys() -> Vec<ImageKey> {
         vec![
-            ImageKey { identity: 0, sample: 0 },
-            ImageKey { identity: 0, sample: 1 },
-            ImageKey { identity: 1, sample: 0 },
+            ImageKey {
+                identity: 0,
+                sample: 0,
+            },
+            ImageKey {
+                identity: 0,
+                sample: 1,
+            },
+            ImageKey {
+                identity: 1,
+                sample: 0,
+            },
         ]
     }
 
@@ -369,7 +420,10 @@ mod tests {
         let st = settings(1.0, 0.0);
         let guided = run(&f, ctx, &keys(), &st);
         // Plain conditional DDIM written out with the raw network call.
-        let mut rngs: Vec<_> = keys().iter().map(|k| rng::stream(42, *k, "noise")).collect();
+        let mut rngs: Vec<_> = keys()
+            .iter()
+            .map(|k| rng::stream(42, *k, "noise"))
+            .collect();
         let mut x = noise_batch(&mut rngs, (3, 32, 32), &Device::Cpu).unwrap();
         let steps = s.timesteps(st.sampler);
         for (i, &t) in steps.iter().enumerate() {
@@ -434,7 +488,10 @@ mod tests {
         let Some(f) = load() else { return };
         let schedule = Schedule::reference();
         let s = Sampler::new(&f.unet, &schedule);
-        assert_eq!(s.timesteps(SamplerKind::Ddim { steps: 4, eta: 0.0 }), vec![750, 500, 250, 0]);
+        assert_eq!(
+            s.timesteps(SamplerKind::Ddim { steps: 4, eta: 0.0 }),
+            vec![750, 500, 250, 0]
+        );
         assert_eq!(s.timesteps(SamplerKind::Ddpm).len(), 1000);
     }
 }

@@ -77,7 +77,9 @@ impl Schedule {
             "sigmas" => (0..n).map(|t| self.sigma(t)).collect(),
             "sqrt_alphas_inv" => (0..n).map(|t| self.sqrt_alpha_inv(t)).collect(),
             "sqrt_alpha_bars" => self.alpha_bars.iter().map(|a| a.sqrt()).collect(),
-            "sqrt_one_minus_alpha_bars" => self.alpha_bars.iter().map(|a| (1.0 - a).sqrt()).collect(),
+            "sqrt_one_minus_alpha_bars" => {
+                self.alpha_bars.iter().map(|a| (1.0 - a).sqrt()).collect()
+            }
             "one_minus_alphas_over_sqrt_one_minus_alpha_bars" => {
                 (0..n).map(|t| self.eps_coefficient(t)).collect()
             }
@@ -164,11 +166,16 @@ mod tests {
         let sd = crate::checkpoint::load_state_dict(&p).unwrap();
         let s = Schedule::reference();
         for name in Schedule::BUFFER_NAMES {
-            let t = sd.tensors.get(name).unwrap_or_else(|| panic!("{name} missing"));
+            let t = sd
+                .tensors
+                .get(name)
+                .unwrap_or_else(|| panic!("{name} missing"));
             s.check_buffer(name, t, "fixture").unwrap();
         }
         // A different schedule is refused.
         let other = Schedule::linear(1000, 1e-4, 0.03);
-        assert!(other.check_buffer("betas", &sd.tensors["betas"], "f").is_err());
+        assert!(other
+            .check_buffer("betas", &sd.tensors["betas"], "f")
+            .is_err());
     }
 }

@@ -29,11 +29,14 @@ impl std::fmt::Display for ConfigSource {
 
 /// Reads a JSON or YAML file holding a config with the reference's key names.
 pub fn read_config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config {}", path.display()))?;
     let parsed = if text.trim_start().starts_with('{') {
-        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: invalid config: {e}", path.display()))?
+        serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: invalid config: {e}", path.display()))?
     } else {
-        serde_yaml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: invalid config: {e}", path.display()))?
+        serde_yaml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: invalid config: {e}", path.display()))?
     };
     Ok(parsed)
 }
@@ -55,10 +58,14 @@ pub fn find_hydra_config(checkpoint: &Path) -> Option<PathBuf> {
 
 /// The U-Net architecture for a checkpoint: the explicit config if given, else the hydra
 /// run config beside it, else the released configuration.
-pub fn unet_config_for(checkpoint: &Path, explicit: Option<&Path>) -> Result<(UNetConfig, ConfigSource)> {
+pub fn unet_config_for(
+    checkpoint: &Path,
+    explicit: Option<&Path>,
+) -> Result<(UNetConfig, ConfigSource)> {
     if let Some(path) = explicit {
         let cfg: UNetConfig = read_config(path)?;
-        cfg.validate().with_context(|| format!("{}", path.display()))?;
+        cfg.validate()
+            .with_context(|| format!("{}", path.display()))?;
         return Ok((cfg, ConfigSource::File(path.to_path_buf())));
     }
     if let Some(hydra) = find_hydra_config(checkpoint) {
@@ -71,20 +78,33 @@ pub fn unet_config_for(checkpoint: &Path, explicit: Option<&Path>) -> Result<(UN
 /// Reads the `model` section of a hydra run config, resolving `${a.b}` interpolations, and
 /// checks that the `diffusion` section describes the linear T = 1000 schedule.
 pub fn unet_config_from_hydra(path: &Path) -> Result<UNetConfig> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let root: Value =
-        serde_yaml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: invalid YAML: {e}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let root: Value = serde_yaml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: invalid YAML: {e}", path.display()))?;
     if let Some(diffusion) = root.get("diffusion") {
         let t = resolve(&root, diffusion.get("T").cloned().unwrap_or(Value::Null));
         if let Some(t) = t.as_u64() {
             if t != 1000 {
-                bail!("{}: diffusion.T = {t}; only T = 1000 is supported", path.display());
+                bail!(
+                    "{}: diffusion.T = {t}; only T = 1000 is supported",
+                    path.display()
+                );
             }
         }
-        let kind = resolve(&root, diffusion.get("schedule_type").cloned().unwrap_or(Value::Null));
+        let kind = resolve(
+            &root,
+            diffusion
+                .get("schedule_type")
+                .cloned()
+                .unwrap_or(Value::Null),
+        );
         if let Some(kind) = kind.as_str() {
             if kind != "linear" {
-                bail!("{}: schedule_type {kind:?}; only the linear schedule is supported", path.display());
+                bail!(
+                    "{}: schedule_type {kind:?}; only the linear schedule is supported",
+                    path.display()
+                );
             }
         }
     }
@@ -97,14 +117,15 @@ pub fn unet_config_from_hydra(path: &Path) -> Result<UNetConfig> {
         let bad = map
             .get("input_channels")
             .and_then(Value::as_i64)
-            .map_or(true, |c| c <= 0);
+            .is_none_or(|c| c <= 0);
         if bad {
             map.insert(Value::from("input_channels"), Value::from(3));
         }
     }
     let cfg: UNetConfig = serde_yaml::from_value(resolved)
         .map_err(|e| anyhow::anyhow!("{}: model section: {e}", path.display()))?;
-    cfg.validate().with_context(|| format!("{}", path.display()))?;
+    cfg.validate()
+        .with_context(|| format!("{}", path.display()))?;
     Ok(cfg)
 }
 
@@ -122,7 +143,9 @@ fn resolve(root: &Value, v: Value) -> Value {
             }
             resolve(root, cur.clone())
         }
-        Value::Mapping(m) => Value::Mapping(m.into_iter().map(|(k, v)| (k, resolve(root, v))).collect()),
+        Value::Mapping(m) => {
+            Value::Mapping(m.into_iter().map(|(k, v)| (k, resolve(root, v))).collect())
+        }
         Value::Sequence(s) => Value::Sequence(s.into_iter().map(|v| resolve(root, v)).collect()),
         other => other,
     }
@@ -165,7 +188,9 @@ model:
         std::fs::create_dir_all(dir.path().join(".hydra")).unwrap();
         std::fs::create_dir_all(dir.path().join("checkpoints")).unwrap();
         std::fs::write(dir.path().join(".hydra/config.yaml"), HYDRA).unwrap();
-        let ckpt = dir.path().join("checkpoints/ema_averaged_model_100000.ckpt");
+        let ckpt = dir
+            .path()
+            .join("checkpoints/ema_averaged_model_100000.ckpt");
         let (cfg, source) = unet_config_for(&ckpt, None).unwrap();
         assert!(matches!(source, ConfigSource::Hydra(_)));
         assert_eq!(cfg, UNetConfig::released());
@@ -175,7 +200,11 @@ model:
     fn refuses_other_schedules() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("config.yaml");
-        std::fs::write(&p, HYDRA.replace("schedule_type: linear", "schedule_type: cosine")).unwrap();
+        std::fs::write(
+            &p,
+            HYDRA.replace("schedule_type: linear", "schedule_type: cosine"),
+        )
+        .unwrap();
         let err = unet_config_from_hydra(&p).unwrap_err().to_string();
         assert!(err.contains("cosine"), "{err}");
     }

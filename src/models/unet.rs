@@ -5,7 +5,9 @@
 //! `down.N`, `middle.{res1,attn,res2}`, `up.N`, `norm`, `final`).
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{conv1d, conv2d, conv_transpose2d, group_norm, linear, Conv1d, Conv2d, Conv2dConfig};
+use candle_nn::{
+    conv1d, conv2d, conv_transpose2d, group_norm, linear, Conv1d, Conv2d, Conv2dConfig,
+};
 use candle_nn::{ConvTranspose2d, ConvTranspose2dConfig, GroupNorm, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
@@ -105,9 +107,18 @@ impl UNetConfig {
             self.channel_multipliers.len(),
             self.is_attention.len()
         );
-        anyhow::ensure!(self.initial_channels % 32 == 0, "initial_channels must be a multiple of 32 (GroupNorm)");
-        anyhow::ensure!(self.context_channels % 32 == 0, "context_channels must be a multiple of 32 (GroupNorm)");
-        anyhow::ensure!(self.attention_head_channels > 0, "attention_head_channels must be positive");
+        anyhow::ensure!(
+            self.initial_channels.is_multiple_of(32),
+            "initial_channels must be a multiple of 32 (GroupNorm)"
+        );
+        anyhow::ensure!(
+            self.context_channels.is_multiple_of(32),
+            "context_channels must be a multiple of 32 (GroupNorm)"
+        );
+        anyhow::ensure!(
+            self.attention_head_channels > 0,
+            "attention_head_channels must be positive"
+        );
         Ok(())
     }
 
@@ -239,8 +250,12 @@ impl ResidualBlock {
     fn forward(&self, x: &Tensor, t_emb: &Tensor) -> Result<Tensor> {
         let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
         let e = linear_rows(&self.time_emb, &t_emb.silu()?)?;
-        let scale = linear_rows(&self.scale_emb, &e)?.unsqueeze(2)?.unsqueeze(3)?;
-        let shift = linear_rows(&self.shift_emb, &e)?.unsqueeze(2)?.unsqueeze(3)?;
+        let scale = linear_rows(&self.scale_emb, &e)?
+            .unsqueeze(2)?
+            .unsqueeze(3)?;
+        let shift = linear_rows(&self.shift_emb, &e)?
+            .unsqueeze(2)?
+            .unsqueeze(3)?;
         let h = self.norm2.forward(&h)?;
         let h = h.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(&shift)?;
         let h = self.conv2.forward(&h.silu()?)?;
@@ -332,8 +347,8 @@ impl AttentionBlock {
     fn forward(&self, x: &Tensor, c: &Tensor) -> Result<Tensor> {
         let (b, ch, h, w) = x.dims4()?;
         // Token j, feature n sits at index n*32 + j: a (B, features, tokens) view.
-        let ctx = linear_rows(&self.c_proj_in, c)?
-            .reshape((b, self.context_channels, CONTEXT_TOKENS))?;
+        let ctx =
+            linear_rows(&self.c_proj_in, c)?.reshape((b, self.context_channels, CONTEXT_TOKENS))?;
         let ctx = self.c_norm.forward(&ctx)?;
         let x_in = x;
         let x = self.x_proj_in.forward(x)?.reshape((b, ch, h * w))?;
@@ -351,6 +366,7 @@ impl AttentionBlock {
 
 /// One entry of the `down` or `up` module lists.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // built once; boxing would only add indirection
 enum Stage {
     Block {
         res: ResidualBlock,
@@ -361,7 +377,13 @@ enum Stage {
 }
 
 impl Stage {
-    fn block(vb: VarBuilder, cin: usize, cout: usize, attn: bool, cfg: &UNetConfig) -> Result<Self> {
+    fn block(
+        vb: VarBuilder,
+        cin: usize,
+        cout: usize,
+        attn: bool,
+        cfg: &UNetConfig,
+    ) -> Result<Self> {
         let res = ResidualBlock::new(vb.pp("res"), cin, cout, cfg.time_channels())?;
         let attn = if attn {
             Some(AttentionBlock::new(vb.pp("attn"), cout, cfg)?)
@@ -409,22 +431,41 @@ impl ConditionalUNet {
         let chans = cfg.level_channels();
         let levels = chans.len();
         let nb = cfg.n_blocks_per_resolution;
-        let image_proj = conv3(vb.pp("image_proj"), cfg.input_channels, cfg.initial_channels, 1)?;
+        let image_proj = conv3(
+            vb.pp("image_proj"),
+            cfg.input_channels,
+            cfg.initial_channels,
+            1,
+        )?;
         let time_emb = TimeEmbedding::new(vb.pp("time_emb"), cfg)?;
-        let context_emb = linear(cfg.context_input_channels, cfg.context_channels, vb.pp("context_emb"))?;
+        let context_emb = linear(
+            cfg.context_input_channels,
+            cfg.context_channels,
+            vb.pp("context_emb"),
+        )?;
 
         let mut down = Vec::new();
         let mut cin = cfg.initial_channels;
-        for level in 0..levels {
-            let cout = chans[level];
+        for (level, &cout) in chans.iter().enumerate() {
             for _ in 0..nb {
                 let i = down.len();
-                down.push(Stage::block(vb.pp(format!("down.{i}")), cin, cout, cfg.is_attention[level], cfg)?);
+                down.push(Stage::block(
+                    vb.pp(format!("down.{i}")),
+                    cin,
+                    cout,
+                    cfg.is_attention[level],
+                    cfg,
+                )?);
                 cin = cout;
             }
             if level + 1 < levels {
                 let i = down.len();
-                down.push(Stage::Down(conv3(vb.pp(format!("down.{i}.conv")), cin, cin, 2)?));
+                down.push(Stage::Down(conv3(
+                    vb.pp(format!("down.{i}.conv")),
+                    cin,
+                    cin,
+                    2,
+                )?));
             }
         }
 
@@ -439,14 +480,30 @@ impl ConditionalUNet {
             let cout = chans[level];
             for _ in 0..nb {
                 let i = up.len();
-                up.push(Stage::block(vb.pp(format!("up.{i}")), cur + cout, cout, cfg.is_attention[level], cfg)?);
+                up.push(Stage::block(
+                    vb.pp(format!("up.{i}")),
+                    cur + cout,
+                    cout,
+                    cfg.is_attention[level],
+                    cfg,
+                )?);
                 cur = cout;
             }
             // The last block of a level also consumes the skip from the level below.
-            let skip = if level > 0 { chans[level - 1] } else { cfg.initial_channels };
+            let skip = if level > 0 {
+                chans[level - 1]
+            } else {
+                cfg.initial_channels
+            };
             let reduced = cout / cfg.channel_multipliers[level];
             let i = up.len();
-            up.push(Stage::block(vb.pp(format!("up.{i}")), cur + skip, reduced, cfg.is_attention[level], cfg)?);
+            up.push(Stage::block(
+                vb.pp(format!("up.{i}")),
+                cur + skip,
+                reduced,
+                cfg.is_attention[level],
+                cfg,
+            )?);
             cur = reduced;
             if level > 0 {
                 let i = up.len();
@@ -455,7 +512,13 @@ impl ConditionalUNet {
                     stride: 2,
                     ..Default::default()
                 };
-                up.push(Stage::Up(conv_transpose2d(cur, cur, 4, tcfg, vb.pp(format!("up.{i}.conv")))?));
+                up.push(Stage::Up(conv_transpose2d(
+                    cur,
+                    cur,
+                    4,
+                    tcfg,
+                    vb.pp(format!("up.{i}.conv")),
+                )?));
             }
         }
         let norm = gn(vb.pp("norm"), cur)?;
@@ -497,7 +560,8 @@ impl ConditionalUNet {
         device: &candle_core::Device,
     ) -> anyhow::Result<Self> {
         cfg.validate()?;
-        let mut state = crate::checkpoint::load_state_dict(path.as_ref())?.strip_prefix("eps_model.");
+        let mut state =
+            crate::checkpoint::load_state_dict(path.as_ref())?.strip_prefix("eps_model.");
         let file = state.path.display().to_string();
         for name in crate::diffusion::schedule::Schedule::BUFFER_NAMES {
             if let Some(buffer) = state.take(name) {
@@ -514,7 +578,12 @@ impl ConditionalUNet {
 
     /// The reference's empty context: zeros of `context_channels` in place of the
     /// projected context.
-    pub fn empty_context(&self, batch: usize, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
+    pub fn empty_context(
+        &self,
+        batch: usize,
+        dtype: DType,
+        device: &candle_core::Device,
+    ) -> Result<Tensor> {
         Tensor::zeros((batch, self.config.context_channels), dtype, device)
     }
 
@@ -563,7 +632,16 @@ mod tests {
     use candle_core::{Device, D};
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(D::Minus1).unwrap().to_scalar::<f32>().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(D::Minus1)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     }
 
     fn tiny_config() -> Option<UNetConfig> {
@@ -572,13 +650,20 @@ mod tests {
     }
 
     fn check_checkpoint(name: &str) {
-        let (Some(cfg), Some(w), Some(io)) = (tiny_config(), fixture(name), fixture("unet_tiny_io.safetensors")) else {
+        let (Some(cfg), Some(w), Some(io)) = (
+            tiny_config(),
+            fixture(name),
+            fixture("unet_tiny_io.safetensors"),
+        ) else {
             return;
         };
         let dev = Device::Cpu;
-        let unet = ConditionalUNet::load(&w, &cfg, &Schedule::reference(), DType::F32, &dev).unwrap();
+        let unet =
+            ConditionalUNet::load(&w, &cfg, &Schedule::reference(), DType::F32, &dev).unwrap();
         let io = candle_core::safetensors::load(io, &dev).unwrap();
-        let eps = unet.forward(&io["x"], &io["t"], Some(&io["context"])).unwrap();
+        let eps = unet
+            .forward(&io["x"], &io["t"], Some(&io["context"]))
+            .unwrap();
         let err = max_abs_diff(&eps, &io["eps"]);
         assert!(err <= 1e-4, "{name}: eps max abs error {err}");
         let eps0 = unet.forward(&io["x"], &io["t"], None).unwrap();
@@ -599,8 +684,12 @@ mod tests {
     #[test]
     fn tiny_parameter_count_matches_fixture() {
         let Some(cfg) = tiny_config() else { return };
-        let specs = crate::checkpoint::parameter_specs(|vb| ConditionalUNet::new(vb, &cfg)).unwrap();
-        let n: usize = specs.iter().map(|s| s.shape.iter().product::<usize>()).sum();
+        let specs =
+            crate::checkpoint::parameter_specs(|vb| ConditionalUNet::new(vb, &cfg)).unwrap();
+        let n: usize = specs
+            .iter()
+            .map(|s| s.shape.iter().product::<usize>())
+            .sum();
         assert_eq!(n, 7_589_155);
     }
 
@@ -611,7 +700,11 @@ mod tests {
         };
         let keys = dir.join("../reference/unet_ca_keys.txt");
         let Ok(text) = std::fs::read_to_string(&keys) else {
-            assert!(std::env::var("CI").as_deref() != Ok("true"), "{} missing", keys.display());
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "{} missing",
+                keys.display()
+            );
             return;
         };
         let expected: Vec<(String, Vec<usize>)> = text
@@ -628,8 +721,12 @@ mod tests {
                 (name.to_owned(), dims)
             })
             .collect();
-        let specs = crate::checkpoint::parameter_specs(|vb| ConditionalUNet::new(vb, &UNetConfig::released())).unwrap();
-        let mut got: Vec<(String, Vec<usize>)> = specs.into_iter().map(|s| (s.name, s.shape)).collect();
+        let specs = crate::checkpoint::parameter_specs(|vb| {
+            ConditionalUNet::new(vb, &UNetConfig::released())
+        })
+        .unwrap();
+        let mut got: Vec<(String, Vec<usize>)> =
+            specs.into_iter().map(|s| (s.name, s.shape)).collect();
         let mut want = expected.clone();
         got.sort();
         want.sort();
@@ -641,20 +738,25 @@ mod tests {
 
     #[test]
     fn weights_for_another_config_are_refused_by_name() {
-        let (Some(mut cfg), Some(w)) = (tiny_config(), fixture("unet_tiny_eps_model_only.ckpt")) else {
+        let (Some(mut cfg), Some(w)) = (tiny_config(), fixture("unet_tiny_eps_model_only.ckpt"))
+        else {
             return;
         };
         cfg.context_channels = 128;
         let err = ConditionalUNet::load(&w, &cfg, &Schedule::reference(), DType::F32, &Device::Cpu)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("context_emb.weight` checkpoint [64, 512] vs config [128, 512]"), "{err}");
+        assert!(
+            err.contains("context_emb.weight` checkpoint [64, 512] vs config [128, 512]"),
+            "{err}"
+        );
         assert!(!err.contains('\n'));
     }
 
     #[test]
     fn mismatched_schedule_buffers_are_refused() {
-        let (Some(cfg), Some(w)) = (tiny_config(), fixture("unet_tiny_ema_averaged_model.ckpt")) else {
+        let (Some(cfg), Some(w)) = (tiny_config(), fixture("unet_tiny_ema_averaged_model.ckpt"))
+        else {
             return;
         };
         let other = Schedule::linear(1000, 1e-4, 0.012);
