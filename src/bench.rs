@@ -32,6 +32,13 @@ pub struct BenchArgs {
     /// Images in the DDIM measurement (one batch).
     #[arg(long, default_value_t = 8)]
     pub ddim_images: usize,
+    /// Images (one identity) in the DDPM-1000 measurement (0 skips it).
+    #[arg(long, default_value_t = 0)]
+    pub ddpm_images: usize,
+    /// Steps actually run for the DDPM measurement; images/s is extrapolated to 1000 steps
+    /// (and labelled so) when fewer.
+    #[arg(long, default_value_t = 1000)]
+    pub ddpm_steps: usize,
     /// Device: cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -166,6 +173,9 @@ pub fn run(args: &BenchArgs) -> Result<Vec<Measurement>> {
             println!("    = {:.3} images/s", n as f64 / secs);
             results.push(m);
         }
+        if args.ddpm_images > 0 {
+            results.push(bench_ddpm(&unet, &cfg, name, args, &device)?);
+        }
     }
     let vq = VqConfig::released();
     let map = VarMap::new();
@@ -190,6 +200,47 @@ pub fn run(args: &BenchArgs) -> Result<Vec<Measurement>> {
         crate::generate::write_json_atomic(path, &results)?;
     }
     Ok(results)
+}
+
+/// Times ancestral DDPM steps for one identity × `ddpm_images` samples in one batch.
+fn bench_ddpm(
+    unet: &ConditionalUNet,
+    cfg: &UNetConfig,
+    name: &str,
+    args: &BenchArgs,
+    device: &Device,
+) -> Result<Measurement> {
+    let schedule = Schedule::reference();
+    let sampler = Sampler::new(unet, &schedule);
+    let n = args.ddpm_images;
+    let steps = args.ddpm_steps.clamp(1, schedule.len());
+    let ctx = Tensor::randn(0f32, 1.0, (1, cfg.context_input_channels), device)?
+        .broadcast_as((n, cfg.context_input_channels))?
+        .contiguous()?;
+    let c = unet.project_context(&ctx.to_dtype(unet.dtype())?)?;
+    let s = cfg.latent_size;
+    let mut x = Tensor::randn(0f32, 1.0, (n, cfg.input_channels, s, s), device)?;
+    let start = Instant::now();
+    for t in (schedule.len() - steps..schedule.len()).rev() {
+        let eps = sampler.guided_eps(&x, t, &c, 1.0)?;
+        let z = Tensor::randn(0f32, 1.0, x.shape(), device)?;
+        x = sampler.ddpm_step(&x, &eps, t, Some(&z))?;
+    }
+    device.synchronize()?;
+    let secs = start.elapsed().as_secs_f64() * schedule.len() as f64 / steps as f64;
+    let m = Measurement {
+        name: if steps < schedule.len() {
+            format!("ddpm1000-{name}-sampling (extrapolated from {steps} steps)")
+        } else {
+            format!("ddpm1000-{name}-sampling")
+        },
+        batch: n,
+        ms_per_image: secs * 1000.0 / n as f64,
+        reference_ms_per_image: None,
+    };
+    print_row(&m);
+    println!("    = {:.4} images/s", n as f64 / secs);
+    Ok(m)
 }
 
 fn print_row(m: &Measurement) {

@@ -33,6 +33,29 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Measure U-Net, decoder and sampler throughput against the reference's numbers.
     Bench(crate::bench::BenchArgs),
+    /// Run the reference parity checks on a device/dtype and report max abs errors.
+    Parity(crate::parity::ParityArgs),
+    /// Render ProcFace identities as an ImageFolder and/or a verification `.bin`.
+    Procface(crate::default_model::ProcfaceArgs),
+    /// Train the default model's small VQ autoencoder on ProcFace images.
+    TrainAutoencoder(crate::default_model::autoencoder::TrainAutoencoderArgs),
+    /// Embed an ImageFolder (or read embeddings) and write a verification/identity report.
+    Analyze(crate::analysis::commands::AnalyzeArgs),
+    /// pyeer statistics (EER, FMR100, AUC, d', …) of genuine/impostor score lists.
+    Metrics(crate::analysis::commands::MetricsArgs),
+    /// Time the all-pairs score histogram: CPU, numpy baseline and wgpu.
+    BenchHistogram(crate::analysis::bench_histogram::BenchHistogramArgs),
+    /// Train the default model's identity-conditioned U-Net on ProcFace VQ latents.
+    TrainDiffusion(crate::default_model::diffusion_train::TrainDiffusionArgs),
+    /// Measure identity metrics of the default model (or a model folder) with its FR model.
+    EvalDefault(crate::default_model::eval::EvalDefaultArgs),
+    /// Dataset tools: convert between formats, curate and export.
+    #[command(subcommand)]
+    Dataset(crate::dataset::commands::DatasetCommand),
+    /// Join the outputs of `generate --shard i/N` into one dataset.
+    Merge(crate::dataset::commands::MergeArgs),
+    /// Measure export throughput (images/s) on ProcFace images.
+    BenchExport(crate::dataset::bench_export::BenchExportArgs),
 }
 
 /// Common arguments of the `forward` subcommands.
@@ -116,15 +139,16 @@ pub enum SamplerArg {
 /// Arguments of `generate`.
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// U-Net checkpoint (`ema_averaged_model.ckpt`, bare eps_model or safetensors).
+    /// U-Net checkpoint (`ema_averaged_model.ckpt`, bare eps_model or safetensors); with
+    /// neither --unet nor --decoder, the built-in default model is used.
     #[arg(long)]
-    pub unet: PathBuf,
+    pub unet: Option<PathBuf>,
     /// U-Net config; default: `.hydra/config.yaml` beside the checkpoint, else the released one.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// VQ decoder state dict (`first_stage_decoder_state_dict.pt`).
     #[arg(long)]
-    pub decoder: PathBuf,
+    pub decoder: Option<PathBuf>,
     /// Decoder config; default: released VQ-f4.
     #[arg(long)]
     pub decoder_config: Option<PathBuf>,
@@ -182,6 +206,17 @@ pub fn main_with(cli: Cli) -> Result<i32> {
         Command::Forward(f) => forward(f).map(|_| 0),
         Command::Generate(g) => generate(g),
         Command::Bench(b) => crate::bench::run(&b).map(|_| 0),
+        Command::Parity(p) => crate::parity::run(&p),
+        Command::Procface(p) => crate::default_model::run_procface(&p),
+        Command::TrainAutoencoder(a) => crate::default_model::autoencoder::run(&a),
+        Command::TrainDiffusion(a) => crate::default_model::diffusion_train::run(&a),
+        Command::EvalDefault(a) => crate::default_model::eval::run(&a),
+        Command::Analyze(a) => crate::analysis::commands::run_analyze(&a),
+        Command::Metrics(a) => crate::analysis::commands::run_metrics(&a),
+        Command::BenchHistogram(a) => crate::analysis::bench_histogram::run(&a).map(|_| 0),
+        Command::Dataset(d) => crate::dataset::commands::run_dataset(&d),
+        Command::Merge(m) => crate::dataset::commands::run_merge(&m),
+        Command::BenchExport(b) => crate::dataset::bench_export::run(&b).map(|_| 0),
     }
 }
 
@@ -253,11 +288,17 @@ fn generate(a: GenerateArgs) -> Result<i32> {
         },
     };
     let req = GenerateRequest {
-        weights: WeightPaths {
-            unet: a.unet,
-            unet_config: a.config,
-            decoder: a.decoder,
-            decoder_config: a.decoder_config,
+        weights: match (a.unet, a.decoder) {
+            (Some(unet), Some(decoder)) => WeightPaths {
+                unet,
+                unet_config: a.config,
+                decoder,
+                decoder_config: a.decoder_config,
+            },
+            (None, None) => crate::default_model::assets::default_weight_paths()?,
+            _ => anyhow::bail!(
+                "give both --unet and --decoder, or neither to use the built-in default model"
+            ),
         },
         identities,
         per_identity: a.per_identity,

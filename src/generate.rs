@@ -450,7 +450,7 @@ fn write_identity(out: &Path, identity: usize, images: &[RgbImage]) -> Result<()
 pub const GRID_MAX: usize = 16;
 
 /// Composes `grid.png` from the first identities on disk (rows) and their first samples.
-fn write_grid(out: &Path, completed: &[usize], per_identity: usize) -> Result<()> {
+pub fn write_grid(out: &Path, completed: &[usize], per_identity: usize) -> Result<()> {
     let rows: Vec<usize> = completed.iter().copied().take(GRID_MAX).collect();
     let cols = per_identity.min(GRID_MAX);
     let mut tiles = Vec::new();

@@ -15,6 +15,7 @@
 //! Synthetic identities ([`uniform_context`]) are uniform on the unit sphere and
 //! reproducible per identity index, independent of how many are drawn at once.
 
+use crate::dataset::write_atomic;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::pickle::{Object, Stack};
 use rand::{Rng, SeedableRng};
@@ -147,7 +148,15 @@ impl Contexts {
     pub fn from_bytes(bytes: &[u8], expected_dim: usize) -> Result<Self> {
         let contexts = match ContextFormat::detect(bytes)? {
             ContextFormat::TorchZip => parse_torch_zip(bytes)?,
-            ContextFormat::Pickle => parse_pickle(bytes)?,
+            ContextFormat::Pickle => {
+                let protocol = bytes[1];
+                ensure!(
+                    protocol <= 2,
+                    "plain pickles of protocol {protocol} are not supported (only protocol 2, \
+                     as torch.save writes); re-save with torch.save, numpy.save or safetensors"
+                );
+                parse_pickle(bytes)?
+            }
             ContextFormat::Npy => parse_npy(bytes)?,
             ContextFormat::Safetensors => parse_safetensors(bytes)?,
         };
@@ -253,23 +262,6 @@ impl Contexts {
     }
 }
 
-/// Writes `bytes` to a temporary sibling of `path`, then renames it into place.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| anyhow!("{} is not a file path", path.display()))?;
-    let tmp = path.with_file_name(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        anyhow!("cannot rename {} to {}: {e}", tmp.display(), path.display())
-    })
-}
-
 // ---------------------------------------------------------------------------------------
 // torch.save zip / pickle
 
@@ -365,15 +357,25 @@ fn run_pickle(bytes: &[u8]) -> Result<(Object, Vec<String>)> {
             _ => {}
         }
         let pos = bytes.len() - reader.len();
-        let stop = stack
-            .read(&mut reader)
-            .map_err(|e| anyhow!("bad pickle at byte {pos} (opcode 0x{op:02x}): {e}"))?;
+        let stop = stack.read(&mut reader).map_err(|e| {
+            anyhow!(
+                "bad pickle at byte {pos} (opcode 0x{op:02x}): {}",
+                first_line(&e)
+            )
+        })?;
         if stop {
             break;
         }
     }
-    let root = stack.finalize().map_err(|e| anyhow!("bad pickle: {e}"))?;
+    let root = stack
+        .finalize()
+        .map_err(|e| anyhow!("bad pickle: {}", first_line(&e)))?;
     Ok((root, keys))
+}
+
+/// First line of an error's message (candle appends a backtrace when one was captured).
+fn first_line(e: &dyn std::fmt::Display) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
 }
 
 /// Before SETITEMS (`u`) or SETITEM (`s`) that targets the bottom-most stack object (the
@@ -917,6 +919,14 @@ mod tests {
         for (i, row) in ctx.rows().enumerate() {
             assert_eq!(row, &[i as f32, 1.0, -0.5 * i as f32]);
         }
+    }
+
+    #[test]
+    fn pickle_protocol_above_2_is_refused_clearly() {
+        let mut bytes = dict_pickle(&[("a", vec![1.0])], 10);
+        bytes[1] = 4;
+        let msg = format!("{:#}", Contexts::from_bytes(&bytes, 1).unwrap_err());
+        assert!(msg.contains("protocol 4"), "{msg}");
     }
 
     #[test]

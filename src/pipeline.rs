@@ -96,11 +96,20 @@ impl Pipeline {
 
     /// Decodes latents (B, 3, h, w) to RGB images.
     pub fn decode(&self, latents: &Tensor) -> Result<Vec<RgbImage>> {
-        let unit = self
-            .decoder
-            .decode_to_unit(latents, true)
-            .context("VQ decode")?;
-        unit_tensor_to_images(&unit)
+        // One image at a time on the CPU: the decoder's im2col buffers at full resolution are
+        // tens of MB per image, and larger batches only add cache misses and page faults.
+        let total = latents.dim(0)?;
+        let chunk = if self.device.is_cpu() { 1 } else { total.max(1) };
+        let mut images = Vec::with_capacity(total);
+        for start in (0..total).step_by(chunk) {
+            let n = chunk.min(total - start);
+            let unit = self
+                .decoder
+                .decode_to_unit(&latents.narrow(0, start, n)?, true)
+                .context("VQ decode")?;
+            images.extend(unit_tensor_to_images(&unit)?);
+        }
+        Ok(images)
     }
 }
 

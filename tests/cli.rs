@@ -518,3 +518,546 @@ fn generate_from_reference_context_file() {
         assert!(out.join(format!("{id:06}/0000.png")).is_file());
     }
 }
+
+// ---- analysis: `metrics`, `analyze` ----
+
+/// Compares a `metrics --json` output with pyeer's expected values (1 ulp).
+fn assert_metrics_json(stdout: &[u8], want: &serde_json::Value, case: &str) {
+    let got: serde_json::Value = serde_json::from_slice(stdout).expect("metrics prints JSON");
+    let want = want.as_object().unwrap();
+    assert_eq!(got.as_object().unwrap().len(), want.len(), "{case}: keys");
+    for (key, w) in want {
+        let (g, w) = (got[key].as_f64().unwrap(), w.as_f64().unwrap());
+        let ulps = (g.to_bits() as i64 - w.to_bits() as i64).abs();
+        assert!(ulps <= 1, "{case}.{key}: got {g}, want {w}");
+    }
+}
+
+#[test]
+fn metrics_cli_matches_pyeer_fixture() {
+    let (Some(scores), Some(expected)) = (
+        fixture("eer_dev_scores.safetensors"),
+        fixture("eer_dev_expected.json"),
+    ) else {
+        return;
+    };
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(expected).unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (case, want) in json["cases"].as_object().unwrap() {
+        let o = run(&["metrics", "--scores", s(&scores), "--prefix", case, "--json"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_metrics_json(&o.stdout, want, case);
+        // The same scores through pyeer text files.
+        let (g, i) =
+            idiff_studio::analysis::commands::read_score_tensors(&scores, Some(case)).unwrap();
+        let (gp, ip) = (dir.path().join("g.txt"), dir.path().join("i.txt"));
+        idiff_studio::analysis::metrics::write_scores(&gp, &g).unwrap();
+        idiff_studio::analysis::metrics::write_scores(&ip, &i).unwrap();
+        let o = run(&["metrics", "--genuine", s(&gp), "--impostor", s(&ip), "--json"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_metrics_json(&o.stdout, want, case);
+        let o = run(&["metrics", "--genuine", s(&gp), "--impostor", s(&ip)]);
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success() && text.contains("EER threshold"), "{text}");
+    }
+    let o = run(&["metrics", "--scores", s(&scores), "--json"]);
+    assert_one_line_error(&o, "no tensor `genuine`");
+    let missing = dir.path().join("nope.txt");
+    let o = run(&["metrics", "--genuine", s(&missing), "--impostor", s(&missing)]);
+    assert_one_line_error(&o, "nope.txt");
+}
+
+const REPORT_FILES: [&str; 8] = [
+    "metrics.json",
+    "genuine.txt",
+    "impostor.txt",
+    "per_identity.csv",
+    "histogram.csv",
+    "histogram.png",
+    "roc.png",
+    "det.png",
+];
+
+#[test]
+fn analyze_images_writes_every_report_file_and_reuses_the_cache() {
+    let (Some(w), Some(cfg)) = (
+        fixture("iresnet_tiny_backbone.pth"),
+        fixture("iresnet_tiny_config.json"),
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    // 128 x 128 images, resized to 112 for the FR model like generated ones.
+    idiff_studio::procface::write_image_folder(&images, 0..6, 3, 128).unwrap();
+    let cache = dir.path().join("cache");
+    let analyze = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "analyze",
+            "--images",
+            s(&images),
+            "--fr-model",
+            s(&w),
+            "--cache-dir",
+            s(&cache),
+            "--out",
+            s(out),
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let out = dir.path().join("report");
+    let o = analyze(&out, &["--fr-config", s(&cfg), "--flip"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("18 images of 6 identities"), "{stdout}");
+    for f in REPORT_FILES.iter().chain(&["embeddings.safetensors"]) {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    for f in ["histogram.png", "roc.png", "det.png"] {
+        assert!(image::open(out.join(f)).is_ok(), "{f}");
+    }
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!((m["images"].as_u64(), m["dim"].as_u64()), (Some(18), Some(64)));
+    assert_eq!(m["genuine_pairs"], 18);
+    assert_eq!(m["histogram_device"], "cpu");
+    assert!(m["metrics"]["eer"].is_number());
+    let csv = std::fs::read_to_string(out.join("per_identity.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 7);
+    assert!(csv.lines().nth(1).unwrap().starts_with("0,000000,3,"));
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 1);
+    // Second run: the architecture is read off the weights and every row is cached.
+    let again = dir.path().join("again");
+    let o = analyze(&again, &["--flip"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in ["genuine.txt", "impostor.txt", "per_identity.csv"] {
+        assert_eq!(
+            std::fs::read(out.join(f)).unwrap(),
+            std::fs::read(again.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    // Without the flip the cache holds other rows: different scores.
+    let plain = dir.path().join("plain");
+    assert!(analyze(&plain, &[]).status.success());
+    assert_ne!(
+        std::fs::read(out.join("genuine.txt")).unwrap(),
+        std::fs::read(plain.join("genuine.txt")).unwrap()
+    );
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 2);
+}
+
+#[test]
+fn analyze_embeddings_with_sampling_and_leakage() {
+    use idiff_studio::analysis::embed::Embeddings;
+    let dir = tempfile::tempdir().unwrap();
+    // 8 identities x 4 samples around orthogonal axes of R^8, plus a little noise.
+    let mut data = Vec::new();
+    let mut labels = Vec::new();
+    for k in 0..8u32 {
+        for j in 0..4 {
+            let mut row = vec![0.05 * j as f32; 8];
+            row[k as usize] = 1.0;
+            data.extend(row);
+            labels.push(k);
+        }
+    }
+    idiff_studio::analysis::embed::normalise_rows(&mut data, 8);
+    let emb = Embeddings {
+        dim: 8,
+        data,
+        labels,
+        identities: (0..8).map(|k| format!("id{k}")).collect(),
+        files: (0..32).map(|i| format!("f{i}.png")).collect(),
+    };
+    let path = dir.path().join("emb.safetensors");
+    emb.save(&path).unwrap();
+    // Reference: identity 2's axis exactly (leaks), in .npy form.
+    let mut r = vec![0.0f32; 8];
+    r[2] = 1.0;
+    let reference = dir.path().join("ref.npy");
+    idiff_studio::identity::Contexts::from_rows(&[r])
+        .unwrap()
+        .save_npy(&reference)
+        .unwrap();
+    let out = dir.path().join("report");
+    let o = run(&[
+        "analyze",
+        "--embeddings",
+        s(&path),
+        "--impostor-samples",
+        "100",
+        "--reference-embeddings",
+        s(&reference),
+        "--leak-threshold",
+        "0.99",
+        "--out",
+        s(&out),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("leakage: 1 of 8 identities"), "{stdout}");
+    for f in REPORT_FILES {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    assert!(!out.join("embeddings.safetensors").exists());
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(m["impostor_sampled"], true);
+    assert_eq!(m["impostor_scored"], 100);
+    assert_eq!(m["impostor_pairs"], 32 * 31 / 2 - 8 * 6);
+    assert_eq!(m["per_identity"][2]["leaked"], true);
+    assert_eq!(m["leakage"]["flagged"], 1);
+    let imp = idiff_studio::analysis::metrics::read_scores(out.join("impostor.txt")).unwrap();
+    assert_eq!(imp.len(), 100);
+    // Bad inputs: one line naming the file.
+    let o = run(&["analyze", "--embeddings", s(&reference), "--out", s(&out)]);
+    assert_one_line_error(&o, "ref.npy");
+    let o = run(&["analyze", "--images", s(dir.path()), "--out", s(&out)]);
+    assert!(!o.status.success());
+}
+
+// ---- Datasets: export, convert, merge, resume after a kill ----
+
+/// `generate` arguments of the fixture run with `steps` DDIM steps.
+fn ds_generate_args(f: &GenFixtures, out: &Path, steps: &str, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "generate",
+        "--unet",
+        s(&f.unet),
+        "--config",
+        s(&f.unet_cfg),
+        "--decoder",
+        s(&f.decoder),
+        "--decoder-config",
+        s(&f.decoder_cfg),
+        "--sampler",
+        "ddim",
+        "--steps",
+        steps,
+        "--eta",
+        "1",
+        "--guidance",
+        "1.5",
+        "--seed",
+        "11",
+        "--out",
+        s(out),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+fn ds_ok(o: &Output) {
+    assert!(
+        o.status.success(),
+        "stdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn ds_decode(path: &Path) -> image::RgbImage {
+    idiff_studio::dataset::decode_rgb(&std::fs::read(path).unwrap()).unwrap()
+}
+
+#[test]
+fn dataset_export_recordio_reads_back_curated_images_and_labels() {
+    use idiff_studio::dataset::embeddings::Embeddings;
+    use idiff_studio::dataset::export::{read_export_manifest, resize_112};
+    use idiff_studio::dataset::recordio::RecordReader;
+    let Some(f) = gen_fixtures() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let gen = dir.path().join("gen");
+    let args = ds_generate_args(&f, &gen, "2", &["--random-identities", "3", "--per-identity", "3"]);
+    ds_ok(&bin().args(&args).output().unwrap());
+
+    // Identity 1's images (1,0), (0,1), (-1,0) have mean genuine similarity -1/3 < tau_gen;
+    // image (2, 1) is rejected by hand. Kept: identity 0 (3 images) -> label 0, identity 2
+    // samples 0 and 2 -> label 1.
+    let emb = dir.path().join("emb.npy");
+    let rows = [
+        1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0, -1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0,
+        1.0f32,
+    ];
+    std::fs::write(&emb, Embeddings::new(2, rows.to_vec()).unwrap().to_npy_bytes().unwrap()).unwrap();
+    let rejects = dir.path().join("rejects.json");
+    std::fs::write(&rejects, r#"{"images": [[2, 1]], "identities": []}"#).unwrap();
+    let out = dir.path().join("rec");
+    let curation = [
+        "--tau-gen",
+        "0.5",
+        "--embeddings",
+        s(&emb),
+        "--rejects",
+        s(&rejects),
+    ];
+    let mut export = vec!["dataset", "export", "--from", s(&gen), "--format", "recordio"];
+    export.extend_from_slice(&curation);
+
+    // Dry run: counts only, nothing written.
+    let o = run(&[&export[..], &["--dry-run"]].concat());
+    ds_ok(&o);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("kept:") && text.contains("5 images"), "{text}");
+    assert!(!out.exists());
+
+    ds_ok(&run(&[&export[..], &["--out", s(&out)]].concat()));
+    let reader = RecordReader::open_dir(&out).unwrap();
+    assert_eq!(reader.labels().unwrap(), vec![0, 0, 0, 1, 1]);
+    let want = [
+        "000000/0000.png",
+        "000000/0001.png",
+        "000000/0002.png",
+        "000002/0000.png",
+        "000002/0002.png",
+    ];
+    for (k, name) in want.iter().enumerate() {
+        let (img, _) = reader.get(k).unwrap();
+        assert_eq!(img, resize_112(&ds_decode(&gen.join(name))), "{name}");
+    }
+    let m = read_export_manifest(&out).unwrap();
+    assert_eq!(m.identity_map, vec![0, 2]);
+    assert_eq!(m.curation.counts.tau_gen.identities, 1);
+    assert_eq!(m.curation.counts.manual.images, 1);
+    assert_eq!(m.curation.rules.tau_gen, Some(0.5));
+    let source: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(gen.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m.generation.as_ref(), Some(&source["generation"]));
+    assert_eq!(m.seed_contract, Some(1));
+    assert_eq!(Embeddings::load(out.join("embeddings.npy")).unwrap().len(), 5);
+
+    // ImageFolder with JPEG: renumbered identities, source sample numbers.
+    let folder = dir.path().join("folder");
+    let o = run(&[
+        "dataset", "export", "--from", s(&gen), "--jpeg-quality", "80", "--rejects", s(&rejects),
+        "--out", s(&folder),
+    ]);
+    ds_ok(&o);
+    assert!(folder.join("000002/0000.jpg").is_file());
+    assert!(!folder.join("000002/0001.jpg").exists());
+    assert_eq!(ds_decode(&folder.join("000001/0001.jpg")).dimensions(), (128, 128));
+
+    // The same destination again is refused in one line.
+    let o = run(&[&export[..], &["--out", s(&out)]].concat());
+    assert_one_line_error(&o, "already exists");
+    // A tau rule without embeddings is refused.
+    let o = run(&["dataset", "export", "--from", s(&gen), "--tau-img", "0.3", "--out", s(&dir.path().join("x"))]);
+    assert_one_line_error(&o, "--embeddings");
+}
+
+#[test]
+fn dataset_export_to_unwritable_destination_fails_cleanly() {
+    let Some(f) = gen_fixtures() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let gen = dir.path().join("gen");
+    let args = ds_generate_args(&f, &gen, "2", &["--random-identities", "2", "--per-identity", "1"]);
+    ds_ok(&bin().args(&args).output().unwrap());
+    let file = dir.path().join("file.txt");
+    std::fs::write(&file, b"not a folder").unwrap();
+    let before: Vec<_> = tree_bytes(dir.path());
+    // Root ignores permission bits, so unwritable places are a path under a regular file,
+    // a missing parent and /proc.
+    let cases = [
+        (file.join("out"), "is not a folder"),
+        (dir.path().join("missing/out"), "does not exist"),
+        (PathBuf::from("/proc/idiff-export-test"), "/proc/idiff-export-test"),
+    ];
+    for format in ["imagefolder", "recordio"] {
+        for (out, needle) in &cases {
+            let o = run(&["dataset", "export", "--from", s(&gen), "--format", format, "--out", s(out)]);
+            assert_one_line_error(&o, needle);
+            assert!(!out.exists());
+        }
+        let o = run(&["dataset", "convert", "--from", s(&gen), "--to", s(&cases[0].0)]);
+        assert_one_line_error(&o, "is not a folder");
+    }
+    assert!(!Path::new("/proc/idiff-export-test.partial").exists());
+    // Nothing was added next to the source or the file.
+    assert_eq!(tree_bytes(dir.path()), before);
+}
+
+#[test]
+fn merged_shards_equal_a_single_run_byte_for_byte() {
+    let Some(f) = gen_fixtures() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let common = ["--random-identities", "4", "--per-identity", "2", "--first-identity", "5"];
+    let single = dir.path().join("single");
+    ds_ok(&bin().args(ds_generate_args(&f, &single, "2", &common)).output().unwrap());
+    let mut shards = Vec::new();
+    for i in 0..3 {
+        let out = dir.path().join(format!("shard{i}"));
+        let spec = format!("{i}/3");
+        let args = ds_generate_args(&f, &out, "2", &[&common[..], &["--shard", &spec]].concat());
+        ds_ok(&bin().args(args).output().unwrap());
+        shards.push(out);
+    }
+    let merged = dir.path().join("merged");
+    // Order of --from does not matter.
+    let o = run(&["merge", "--from", s(&shards[2]), s(&shards[0]), s(&shards[1]), "--out", s(&merged)]);
+    ds_ok(&o);
+    assert_eq!(tree_bytes(&merged), tree_bytes(&single));
+
+    // A missing shard, a duplicated one, an incomplete one and a foreign one are refused.
+    let o = run(&["merge", "--from", s(&shards[0]), s(&shards[2]), "--out", s(&dir.path().join("m1"))]);
+    assert_one_line_error(&o, "missing shards: 1/3");
+    let o = run(&["merge", "--from", s(&shards[0]), s(&shards[0]), s(&shards[2]), "--out", s(&dir.path().join("m2"))]);
+    assert_one_line_error(&o, "given twice");
+    let partial = dir.path().join("partial1");
+    std::fs::create_dir(&partial).unwrap();
+    let text = std::fs::read_to_string(shards[1].join("manifest.json")).unwrap();
+    std::fs::write(partial.join("manifest.json"), text.replace("\"complete\"", "\"partial\"")).unwrap();
+    let o = run(&["merge", "--from", s(&shards[0]), s(&partial), s(&shards[2]), "--out", s(&dir.path().join("m3"))]);
+    assert_one_line_error(&o, "incomplete");
+    let foreign = dir.path().join("foreign");
+    let args = ds_generate_args(&f, &foreign, "3", &[&common[..], &["--shard", "1/3"]].concat());
+    ds_ok(&bin().args(args).output().unwrap());
+    let o = run(&["merge", "--from", s(&shards[0]), s(&foreign), s(&shards[2]), "--out", s(&dir.path().join("m4"))]);
+    assert_one_line_error(&o, "different generations");
+    let o = run(&["merge", "--from", s(&single), "--out", s(&dir.path().join("m5"))]);
+    assert_one_line_error(&o, "not a shard");
+    for m in ["m1", "m2", "m3", "m4", "m5"] {
+        assert!(!dir.path().join(m).exists() && !dir.path().join(format!("{m}.partial")).exists());
+    }
+}
+
+#[test]
+fn generate_killed_mid_run_resumes_to_identical_bytes() {
+    let Some(f) = gen_fixtures() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    // 8 DDIM steps per image keep the run busy for seconds after the first identity lands
+    // (DDPM's 1000 steps take minutes per image on a 2-core CPU). Batches of one image
+    // make the kill land while later identities are half done.
+    let common = ["--random-identities", "3", "--per-identity", "2", "--batch-size", "1"];
+    let killed = dir.path().join("killed");
+    let args = ds_generate_args(&f, &killed, "8", &common);
+    let mut child = bin()
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !killed.join("000000").is_dir() {
+        assert!(
+            start.elapsed().as_secs() < 600,
+            "no identity folder after 10 minutes"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "generate exited early");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let manifest = std::fs::read_to_string(killed.join("manifest.json")).unwrap();
+    assert!(
+        manifest.contains("\"partial\""),
+        "the run finished before it was killed; the test needs a slower run"
+    );
+
+    ds_ok(&bin().args(&args).output().unwrap());
+    let full = dir.path().join("full");
+    ds_ok(&bin().args(ds_generate_args(&f, &full, "8", &common)).output().unwrap());
+    assert_eq!(tree_bytes(&killed), tree_bytes(&full));
+}
+
+#[test]
+fn dataset_convert_round_trips_fixtures() {
+    use idiff_studio::dataset::recordio::RecordReader;
+    let (Some(rec), Some(expected), Some(bin_file), Some(bin_expected)) = (
+        fixture("tiny_train.rec"),
+        fixture("tiny_train_rec_expected.safetensors"),
+        fixture("tiny_pairs.bin"),
+        fixture("tiny_pairs_bin_expected.safetensors"),
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let load = |p: &Path| std::fs::read(p).unwrap();
+    let exp_bytes = load(&expected);
+    let exp = safetensors::SafeTensors::deserialize(&exp_bytes).unwrap();
+
+    // .rec -> DIR -> .rec keeps images and labels.
+    let folder = dir.path().join("folder");
+    ds_ok(&run(&["dataset", "convert", "--from", s(&rec), "--to", s(&folder)]));
+    let back = dir.path().join("back.rec");
+    ds_ok(&run(&["dataset", "convert", "--from", s(&folder), "--to", s(&back)]));
+    let reader = RecordReader::open(&back, dir.path().join("back.idx")).unwrap();
+    let want_labels: Vec<i64> = exp
+        .tensor("labels")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(reader.labels().unwrap(), want_labels);
+    let pixels: Vec<u8> = (0..reader.len())
+        .flat_map(|i| reader.get(i).unwrap().0.into_raw())
+        .collect();
+    assert_eq!(pixels, exp.tensor("images_hwc_rgb").unwrap().data());
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("property")).unwrap().trim(),
+        std::fs::read_to_string(fixture("tiny_train_property").unwrap()).unwrap().trim()
+    );
+
+    // .rec -> safetensors holds the fixture's pixels and labels.
+    let st = dir.path().join("train.safetensors");
+    ds_ok(&run(&["dataset", "convert", "--from", s(&rec), "--to", s(&st)]));
+    let got_bytes = load(&st);
+    let got = safetensors::SafeTensors::deserialize(&got_bytes).unwrap();
+    assert_eq!(got.tensor("images_hwc_rgb").unwrap().data(), exp.tensor("images_hwc_rgb").unwrap().data());
+    assert_eq!(got.tensor("labels").unwrap().data(), exp.tensor("labels").unwrap().data());
+
+    // .bin -> safetensors has the fixture's pixels and issame; and back to .bin.
+    let pairs = dir.path().join("pairs.safetensors");
+    ds_ok(&run(&["dataset", "convert", "--from", s(&bin_file), "--to", s(&pairs)]));
+    let (got_bytes, exp_bytes) = (load(&pairs), load(&bin_expected));
+    let got = safetensors::SafeTensors::deserialize(&got_bytes).unwrap();
+    let exp = safetensors::SafeTensors::deserialize(&exp_bytes).unwrap();
+    assert_eq!(got.tensor("images_hwc_rgb").unwrap().shape(), &[12, 112, 112, 3]);
+    assert_eq!(got.tensor("images_hwc_rgb").unwrap().data(), exp.tensor("images_hwc_rgb").unwrap().data());
+    let flags = |t: safetensors::tensor::TensorView| t.data().iter().map(|&b| b != 0).collect::<Vec<_>>();
+    assert_eq!(flags(got.tensor("issame").unwrap()), flags(exp.tensor("issame").unwrap()));
+    let back_bin = dir.path().join("back.bin");
+    ds_ok(&run(&["dataset", "convert", "--from", s(&pairs), "--to", s(&back_bin)]));
+    let (imgs, _) = idiff_studio::dataset::verification_bin::load_verification_bin(&back_bin).unwrap();
+    let px: Vec<u8> = imgs.into_iter().flat_map(|i| i.into_raw()).collect();
+    assert_eq!(px, exp.tensor("images_hwc_rgb").unwrap().data());
+
+    // Pairs cannot become an ImageFolder.
+    let o = run(&["dataset", "convert", "--from", s(&bin_file), "--to", s(&dir.path().join("pairs_dir"))]);
+    assert_one_line_error(&o, "verification pairs");
+}
+
+#[test]
+fn dataset_convert_warns_when_all_labels_are_equal() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = candle_core::Device::Cpu;
+    let images = candle_core::Tensor::from_vec(
+        (0..3 * 8 * 8 * 3).map(|v| (v % 251) as u8).collect::<Vec<u8>>(),
+        (3, 8, 8, 3),
+        &dev,
+    )
+    .unwrap();
+    let labels = candle_core::Tensor::from_vec(vec![4i64; 3], 3, &dev).unwrap();
+    let st = dir.path().join("same.safetensors");
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([
+            ("images_hwc_rgb".to_string(), images),
+            ("labels".to_string(), labels),
+        ]),
+        &st,
+    )
+    .unwrap();
+    let rec = dir.path().join("same.rec");
+    let o = run(&["dataset", "convert", "--from", s(&st), "--to", s(&rec)]);
+    ds_ok(&o);
+    let o = run(&["dataset", "convert", "--from", s(&rec), "--to", s(&dir.path().join("out"))]);
+    ds_ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("warning") && err.contains("same label"), "{err}");
+}

@@ -8,7 +8,9 @@
 
 use crate::checkpoint::{build_checked, load_state_dict, StateDict};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+// `Conv2d` with a fast CPU training path; identical to candle's at inference.
+use crate::default_model::train_conv::{conv2d, Conv2d};
+use candle_nn::{group_norm, Conv2dConfig, GroupNorm, VarBuilder};
 use serde::Deserialize;
 use std::path::Path;
 

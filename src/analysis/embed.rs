@@ -1,0 +1,861 @@
+//! Face-recognition embeddings of an ImageFolder dataset (`DIR/<identity>/<sample>.png`).
+//!
+//! Preprocessing follows the reference's context extraction: RGB bytes → `x / 255`,
+//! normalised with mean 0.5 / std 0.5 to [-1, 1], then — when the image is not
+//! 112 × 112 — resized with bilinear interpolation exactly like torch
+//! `F.interpolate(x, size=(112, 112), mode="bilinear", align_corners=False)` (no
+//! antialiasing; see [`resize_bilinear`]). The IResNet embedding (optionally
+//! `f(x) + f(flip(x))`) is L2-normalised.
+//!
+//! Results are cached per image in a safetensors file keyed by the image's canonical
+//! path, modification time and size, the model file's SHA-256 and the flip flag, so a
+//! re-analysis of an unchanged dataset does not run the network at all.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::UNIX_EPOCH;
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
+use rayon::prelude::*;
+use safetensors::{Dtype, SafeTensors};
+use sha2::{Digest, Sha256};
+
+use crate::checkpoint::{build_checked, load_state_dict, StateDict};
+use crate::models::config::read_config;
+use crate::models::iresnet::{normalise, IResNet, IResNetConfig};
+
+/// Side length of the face-recognition input.
+pub const FR_INPUT_SIZE: usize = 112;
+
+/// Marker stored in the metadata of embedding files written by [`Embeddings::save`].
+pub const EMBEDDINGS_FORMAT: &str = "idiff-studio-embeddings/1";
+
+const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "bmp"];
+
+/// The images of an ImageFolder: one sub-folder per identity, sorted by name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageFolder {
+    /// The dataset folder.
+    pub root: PathBuf,
+    /// Identity folder names; label `k` is `identities[k]`.
+    pub identities: Vec<String>,
+    /// Image paths relative to `root` (`<identity>/<file>`), identity by identity.
+    pub files: Vec<String>,
+    /// Identity index of every file.
+    pub labels: Vec<u32>,
+}
+
+/// Lists `dir/<identity>/<image>` files, both levels sorted by name.
+///
+/// Hidden entries (names starting with `.`, e.g. unfinished `.partial-*` folders) and
+/// files at the top level (grid, manifest) are skipped; identity folders without images
+/// are left out.
+///
+/// # Errors
+/// When `dir` cannot be read or holds no images.
+pub fn scan_image_folder(dir: &Path) -> Result<ImageFolder> {
+    let mut identity_dirs = Vec::new();
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("cannot read folder {}", dir.display()))?;
+    for e in entries {
+        let e = e.with_context(|| format!("cannot read folder {}", dir.display()))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with('.') && e.path().is_dir() {
+            identity_dirs.push(name);
+        }
+    }
+    identity_dirs.sort();
+    let mut folder = ImageFolder {
+        root: dir.to_path_buf(),
+        identities: Vec::new(),
+        files: Vec::new(),
+        labels: Vec::new(),
+    };
+    for name in identity_dirs {
+        let sub = dir.join(&name);
+        let mut images: Vec<String> = std::fs::read_dir(&sub)
+            .with_context(|| format!("cannot read folder {}", sub.display()))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|f| !f.starts_with('.') && is_image_name(f))
+            .collect();
+        if images.is_empty() {
+            continue;
+        }
+        images.sort();
+        let label = folder.identities.len() as u32;
+        for f in images {
+            folder.files.push(format!("{name}/{f}"));
+            folder.labels.push(label);
+        }
+        folder.identities.push(name);
+    }
+    if folder.files.is_empty() {
+        bail!(
+            "{}: no images found (expected <identity>/<image>.png sub-folders)",
+            dir.display()
+        );
+    }
+    Ok(folder)
+}
+
+fn is_image_name(name: &str) -> bool {
+    Path::new(name)
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str()))
+}
+
+/// Bilinear resize of a planar `channels × in_h × in_w` f32 image to `out_h × out_w`,
+/// matching torch `F.interpolate(mode="bilinear", align_corners=False)` on the CPU:
+/// scale `in / out` in f32, source coordinate `max(scale · (o + 0.5) − 0.5, 0)`, lower
+/// index `min(floor(src), in − 1)`, weight `λ = clamp(src − index, 0, 1)`, the upper
+/// neighbour clamped to the edge, and `out = λh0 (λw0 a + λw1 b) + λh1 (λw0 c + λw1 d)`.
+///
+/// # Errors
+/// When a size is zero or `src.len()` disagrees with the shape.
+pub fn resize_bilinear(
+    src: &[f32],
+    channels: usize,
+    (in_h, in_w): (usize, usize),
+    (out_h, out_w): (usize, usize),
+) -> Result<Vec<f32>> {
+    if in_h == 0 || in_w == 0 || out_h == 0 || out_w == 0 {
+        bail!("cannot resize {in_h}x{in_w} to {out_h}x{out_w}: sizes must be positive");
+    }
+    if src.len() != channels * in_h * in_w {
+        bail!(
+            "image buffer has {} values, expected {channels}x{in_h}x{in_w}",
+            src.len()
+        );
+    }
+    let rows = linear_taps(in_h, out_h);
+    let cols = linear_taps(in_w, out_w);
+    let mut out = Vec::with_capacity(channels * out_h * out_w);
+    for plane in src.chunks_exact(in_h * in_w) {
+        for &(h0, h1, lh0, lh1) in &rows {
+            let (r0, r1) = (&plane[h0 * in_w..], &plane[h1 * in_w..]);
+            for &(w0, w1, lw0, lw1) in &cols {
+                let top = lw0 * r0[w0] + lw1 * r0[w1];
+                let bottom = lw0 * r1[w0] + lw1 * r1[w1];
+                out.push(lh0 * top + lh1 * bottom);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `(index0, index1, λ0, λ1)` per output position along one axis (torch's linear taps).
+fn linear_taps(input: usize, output: usize) -> Vec<(usize, usize, f32, f32)> {
+    let scale = input as f32 / output as f32;
+    (0..output)
+        .map(|o| {
+            let src = (scale * (o as f32 + 0.5) - 0.5).max(0.0);
+            let i0 = (src.floor() as usize).min(input - 1);
+            let lambda = (src - i0 as f32).clamp(0.0, 1.0);
+            let i1 = if i0 < input - 1 { i0 + 1 } else { i0 };
+            (i0, i1, 1.0 - lambda, lambda)
+        })
+        .collect()
+}
+
+/// Planar `3 × 112 × 112` network input in [-1, 1] from an RGB image of any size.
+pub fn preprocess(img: &RgbImage) -> Result<Vec<f32>> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let mut planar = vec![0.0f32; 3 * h * w];
+    for (p, px) in img.pixels().enumerate() {
+        for c in 0..3 {
+            planar[c * h * w + p] = (f32::from(px[c]) / 255.0 - 0.5) / 0.5;
+        }
+    }
+    if (h, w) == (FR_INPUT_SIZE, FR_INPUT_SIZE) {
+        return Ok(planar);
+    }
+    resize_bilinear(&planar, 3, (h, w), (FR_INPUT_SIZE, FR_INPUT_SIZE))
+}
+
+/// A loaded face-recognition backbone plus the facts the cache needs.
+#[derive(Debug, Clone)]
+pub struct FrModel {
+    model: IResNet,
+    sha256: String,
+    device: Device,
+}
+
+impl FrModel {
+    /// Loads IResNet weights (`.pth` / `.pt` torch zip or safetensors). Without a config
+    /// file the architecture (blocks per stage, embedding width) is read off the weights.
+    ///
+    /// # Errors
+    /// When the file cannot be read or does not match the architecture.
+    pub fn load(weights: &Path, config: Option<&Path>, device: &Device) -> Result<Self> {
+        let sha256 = crate::pipeline::sha256_file(weights)?;
+        let mut state = load_state_dict(weights)?.strip_prefix("module.");
+        state
+            .tensors
+            .retain(|k, _| !k.ends_with(".num_batches_tracked"));
+        let cfg = match config {
+            Some(p) => read_config::<IResNetConfig>(p)?,
+            None => infer_iresnet_config(&state)?,
+        };
+        let model = build_checked(&state, DType::F32, device, |vb| IResNet::new(vb, &cfg))?;
+        Ok(Self {
+            model,
+            sha256,
+            device: device.clone(),
+        })
+    }
+
+    /// SHA-256 (hex) of the weights file.
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+
+    /// Embedding width.
+    pub fn dim(&self) -> usize {
+        self.model.config().num_features
+    }
+
+    /// L2-normalised embeddings of `n` planar `3 × 112 × 112` inputs, row-major `n × dim`.
+    ///
+    /// # Errors
+    /// On a shape mismatch or a failing forward pass.
+    pub fn embed(&self, inputs: Vec<f32>, n: usize, flip: bool) -> Result<Vec<f32>> {
+        let x = Tensor::from_vec(inputs, (n, 3, FR_INPUT_SIZE, FR_INPUT_SIZE), &self.device)?;
+        let raw = if flip {
+            self.model.embed_flip_sum(&x)?
+        } else {
+            self.model.forward(&x)?
+        };
+        Ok(normalise(&raw)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?)
+    }
+}
+
+/// Reads the IResNet architecture off a state dict: blocks per stage from the
+/// `layer{s}.{i}.` keys, the width from `features.weight`.
+///
+/// # Errors
+/// When the keys do not look like an IResNet.
+pub fn infer_iresnet_config(state: &StateDict) -> Result<IResNetConfig> {
+    let mut layers = [0usize; 4];
+    for key in state.tensors.keys() {
+        let Some(rest) = key.strip_prefix("layer") else {
+            continue;
+        };
+        let mut parts = rest.split('.');
+        let (Some(stage), Some(block)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        if let (Ok(s @ 1..=4), Ok(b)) = (stage.parse::<usize>(), block.parse::<usize>()) {
+            layers[s - 1] = layers[s - 1].max(b + 1);
+        }
+    }
+    let features = state.tensors.get("features.weight").ok_or_else(|| {
+        anyhow!(
+            "{}: no `features.weight`; not an IResNet backbone (pass --fr-config)",
+            state.path.display()
+        )
+    })?;
+    let mut cfg = IResNetConfig::iresnet50();
+    cfg.layers = layers.to_vec();
+    cfg.num_features = features.dims().first().copied().unwrap_or(0);
+    cfg.validate()
+        .map_err(|e| anyhow!("{}: {e}", state.path.display()))?;
+    Ok(cfg)
+}
+
+/// L2-normalised embeddings with identity labels and file names.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embeddings {
+    /// Embedding width.
+    pub dim: usize,
+    /// Row-major `len × dim` values.
+    pub data: Vec<f32>,
+    /// Identity index of each row (into `identities`).
+    pub labels: Vec<u32>,
+    /// Identity names, by label.
+    pub identities: Vec<String>,
+    /// File name of each row (relative to the dataset folder), or the row number.
+    pub files: Vec<String>,
+}
+
+impl Embeddings {
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// True without rows.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Row `i`.
+    ///
+    /// # Panics
+    /// When `i >= len()`.
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.dim..(i + 1) * self.dim]
+    }
+
+    /// Checks shapes, labels and finiteness.
+    ///
+    /// # Errors
+    /// On the first inconsistency, naming it.
+    pub fn validate(&self) -> Result<()> {
+        if self.dim == 0 {
+            bail!("embedding width is 0");
+        }
+        if self.data.len() != self.labels.len() * self.dim {
+            bail!(
+                "{} embedding values do not make {} rows of {}",
+                self.data.len(),
+                self.labels.len(),
+                self.dim
+            );
+        }
+        if self.files.len() != self.labels.len() {
+            bail!("{} file names for {} rows", self.files.len(), self.len());
+        }
+        if let Some(l) = self
+            .labels
+            .iter()
+            .find(|&&l| l as usize >= self.identities.len())
+        {
+            bail!("label {l} has no identity name ({} names)", self.identities.len());
+        }
+        if let Some(i) = self.data.iter().position(|v| !v.is_finite()) {
+            bail!("embedding row {} has a non-finite value", i / self.dim);
+        }
+        Ok(())
+    }
+
+    /// Writes a safetensors file: `embeddings` F32 `[N, dim]`, `labels` U32 `[N]`, and
+    /// the identity and file names as JSON in the metadata (`identities`, `files`).
+    ///
+    /// # Errors
+    /// On I/O failure.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let emb: Vec<u8> = self.data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let lab: Vec<u8> = self.labels.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let n = self.len();
+        let tensors = [
+            (
+                "embeddings",
+                safetensors::tensor::TensorView::new(Dtype::F32, vec![n, self.dim], &emb)?,
+            ),
+            (
+                "labels",
+                safetensors::tensor::TensorView::new(Dtype::U32, vec![n], &lab)?,
+            ),
+        ];
+        let metadata: HashMap<String, String> = [
+            ("format".to_owned(), EMBEDDINGS_FORMAT.to_owned()),
+            (
+                "identities".to_owned(),
+                serde_json::to_string(&self.identities)?,
+            ),
+            ("files".to_owned(), serde_json::to_string(&self.files)?),
+        ]
+        .into();
+        let bytes = safetensors::serialize(tensors, Some(metadata))
+            .map_err(|e| anyhow!("cannot serialise embeddings: {e}"))?;
+        crate::dataset::write_atomic(path, &bytes)
+    }
+
+    /// Reads an embeddings file: a safetensors file with a float tensor `embeddings`
+    /// `[N, dim]` and an integer tensor `labels` `[N]` (names from the metadata when
+    /// written by [`Embeddings::save`], else the label values and row numbers). Rows are
+    /// L2-normalised on load.
+    ///
+    /// # Errors
+    /// One line naming the file and the offending tensor.
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        Self::from_bytes(&bytes).map_err(|e| anyhow!("{}: {e:#}", path.display()))
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let (_, meta) = SafeTensors::read_metadata(bytes)
+            .map_err(|e| anyhow!("not a safetensors file ({e})"))?;
+        let st = SafeTensors::deserialize(bytes)
+            .map_err(|e| anyhow!("not a safetensors file ({e})"))?;
+        let emb = st
+            .tensor("embeddings")
+            .map_err(|_| anyhow!("tensor `embeddings` is missing"))?;
+        let [n, dim] = emb.shape() else {
+            bail!("tensor `embeddings` has shape {:?}, expected [N, dim]", emb.shape());
+        };
+        let (n, dim) = (*n, *dim);
+        let mut data = float_values(&emb).context("tensor `embeddings`")?;
+        let lab = st
+            .tensor("labels")
+            .map_err(|_| anyhow!("tensor `labels` is missing"))?;
+        if lab.shape() != [n] {
+            bail!("tensor `labels` has shape {:?}, expected [{n}]", lab.shape());
+        }
+        let raw = int_values(&lab).context("tensor `labels`")?;
+        let meta = meta.metadata().clone().unwrap_or_default();
+        let names: Option<Vec<String>> = meta
+            .get("identities")
+            .and_then(|s| serde_json::from_str(s).ok());
+        let (labels, identities) = match names {
+            Some(names) => {
+                let labels: Vec<u32> = raw
+                    .iter()
+                    .map(|&l| u32::try_from(l).map_err(|_| anyhow!("label {l} is negative")))
+                    .collect::<Result<_>>()?;
+                (labels, names)
+            }
+            None => dense_labels(&raw),
+        };
+        let files: Vec<String> = meta
+            .get("files")
+            .and_then(|s| serde_json::from_str(s).ok())
+            .unwrap_or_else(|| (0..n).map(|i| i.to_string()).collect());
+        normalise_rows(&mut data, dim);
+        let e = Self {
+            dim,
+            data,
+            labels,
+            identities,
+            files,
+        };
+        e.validate()?;
+        Ok(e)
+    }
+}
+
+/// Maps arbitrary integer labels to `0..K` in ascending label order; names are the values.
+fn dense_labels(raw: &[i64]) -> (Vec<u32>, Vec<String>) {
+    let mut distinct: Vec<i64> = raw.to_vec();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let index: HashMap<i64, u32> = distinct
+        .iter()
+        .enumerate()
+        .map(|(k, &l)| (l, k as u32))
+        .collect();
+    (
+        raw.iter().map(|l| index[l]).collect(),
+        distinct.iter().map(|l| l.to_string()).collect(),
+    )
+}
+
+/// Divides every row by its L2 norm. Rows of norm 0 stay zero; rows already of unit norm
+/// (within 1e-6) are kept bit for bit, so saved embeddings load unchanged.
+pub fn normalise_rows(data: &mut [f32], dim: usize) {
+    for row in data.chunks_exact_mut(dim.max(1)) {
+        let norm = row.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>().sqrt();
+        if norm > 0.0 && (norm - 1.0).abs() > 1e-6 {
+            row.iter_mut().for_each(|v| *v = (f64::from(*v) / norm) as f32);
+        }
+    }
+}
+
+/// Values of a float safetensors tensor as f32.
+pub(crate) fn float_values(t: &safetensors::tensor::TensorView) -> Result<Vec<f32>> {
+    let d = t.data();
+    Ok(match t.dtype() {
+        Dtype::F32 => d
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F64 => d
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as f32)
+            .collect(),
+        Dtype::F16 => d
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => d
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        other => bail!("dtype {other:?} is not a float type"),
+    })
+}
+
+/// Values of an integer safetensors tensor as i64.
+fn int_values(t: &safetensors::tensor::TensorView) -> Result<Vec<i64>> {
+    let d = t.data();
+    Ok(match t.dtype() {
+        Dtype::I64 => d
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+            .collect(),
+        Dtype::U32 => d
+            .chunks_exact(4)
+            .map(|b| i64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+            .collect(),
+        Dtype::I32 => d
+            .chunks_exact(4)
+            .map(|b| i64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+            .collect(),
+        Dtype::U8 => d.iter().map(|&b| i64::from(b)).collect(),
+        other => bail!("dtype {other:?} is not an integer type (i64, i32, u32, u8)"),
+    })
+}
+
+/// How [`embed_folder`] runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbedOptions {
+    /// Use `f(x) + f(flip(x))`.
+    pub flip: bool,
+    /// Images per forward pass (at least 1).
+    pub batch_size: usize,
+    /// Folder of the embedding cache; `None` disables caching.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for EmbedOptions {
+    fn default() -> Self {
+        Self {
+            flip: false,
+            batch_size: 32,
+            cache_dir: default_cache_dir(),
+        }
+    }
+}
+
+/// `$IDIFF_CACHE_DIR`, else `$XDG_CACHE_HOME/idiff-studio/embeddings`, else
+/// `$HOME/.cache/idiff-studio/embeddings`.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("IDIFF_CACHE_DIR") {
+        return Some(PathBuf::from(d));
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("idiff-studio").join("embeddings"))
+}
+
+/// Progress of [`embed_folder`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EmbedProgress {
+    /// Images embedded or found in the cache so far.
+    pub done: usize,
+    /// Images in the dataset.
+    pub total: usize,
+    /// Of those, images taken from the cache.
+    pub cached: usize,
+}
+
+/// Embeds every image of an ImageFolder, reusing cached rows.
+///
+/// `progress` is called after the cache lookup and after every batch; a set `cancel`
+/// stops between batches with an error. A cache that cannot be written only logs a
+/// warning.
+///
+/// # Errors
+/// On unreadable images, model failures or cancellation.
+pub fn embed_folder(
+    dir: &Path,
+    model: &FrModel,
+    opts: &EmbedOptions,
+    progress: &mut dyn FnMut(EmbedProgress),
+    cancel: Option<&AtomicBool>,
+) -> Result<Embeddings> {
+    let folder = scan_image_folder(dir)?;
+    let root = dir
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", dir.display()))?;
+    let keys: Vec<[u8; 32]> = folder
+        .files
+        .iter()
+        .map(|f| image_key(&root.join(f), model.sha256(), opts.flip))
+        .collect::<Result<_>>()?;
+    let cache_file = opts
+        .cache_dir
+        .as_ref()
+        .map(|d| d.join(cache_file_name(&root, model.sha256(), opts.flip)));
+    let cached = cache_file
+        .as_deref()
+        .and_then(|p| read_cache(p, model.dim()))
+        .unwrap_or_default();
+    let n = folder.files.len();
+    let dim = model.dim();
+    let mut data = vec![0.0f32; n * dim];
+    let mut missing = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        match cached.get(key) {
+            Some(row) => data[i * dim..(i + 1) * dim].copy_from_slice(row),
+            None => missing.push(i),
+        }
+    }
+    let from_cache = n - missing.len();
+    let mut done = from_cache;
+    progress(EmbedProgress {
+        done,
+        total: n,
+        cached: from_cache,
+    });
+    for batch in missing.chunks(opts.batch_size.max(1)) {
+        if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            bail!("embedding cancelled after {done} of {n} images");
+        }
+        let inputs: Vec<Vec<f32>> = batch
+            .par_iter()
+            .map(|&i| load_input(&root.join(&folder.files[i])))
+            .collect::<Result<_>>()?;
+        let emb = model.embed(inputs.concat(), batch.len(), opts.flip)?;
+        for (row, &i) in emb.chunks_exact(dim).zip(batch) {
+            data[i * dim..(i + 1) * dim].copy_from_slice(row);
+        }
+        done += batch.len();
+        progress(EmbedProgress {
+            done,
+            total: n,
+            cached: from_cache,
+        });
+    }
+    if let Some(path) = cache_file.filter(|_| !missing.is_empty() || cached.len() != n) {
+        if let Err(e) = write_cache(&path, &keys, &data, dim) {
+            tracing::warn!("embedding cache not written: {e:#}");
+        }
+    }
+    let e = Embeddings {
+        dim,
+        data,
+        labels: folder.labels,
+        identities: folder.identities,
+        files: folder.files,
+    };
+    e.validate()?;
+    Ok(e)
+}
+
+/// L2-normalised embeddings of in-memory images (any size), `images.len() × dim`.
+///
+/// # Errors
+/// On a failing forward pass or cancellation.
+pub fn embed_images(
+    model: &FrModel,
+    images: &[&RgbImage],
+    flip: bool,
+    batch_size: usize,
+    progress: &mut dyn FnMut(usize),
+    cancel: Option<&AtomicBool>,
+) -> Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(images.len() * model.dim());
+    for batch in images.chunks(batch_size.max(1)) {
+        if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            bail!("embedding cancelled after {} images", out.len() / model.dim());
+        }
+        let inputs: Vec<Vec<f32>> = batch
+            .par_iter()
+            .map(|img| preprocess(img))
+            .collect::<Result<_>>()?;
+        out.extend(model.embed(inputs.concat(), batch.len(), flip)?);
+        progress(out.len() / model.dim());
+    }
+    Ok(out)
+}
+
+fn load_input(path: &Path) -> Result<Vec<f32>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let img = crate::dataset::decode_rgb(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    preprocess(&img).map_err(|e| anyhow!("{}: {e}", path.display()))
+}
+
+/// SHA-256 of (canonical path, mtime in ns, size, model hash, flip flag).
+fn image_key(path: &Path, model_sha: &str, flip: bool) -> Result<[u8; 32]> {
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot stat {}", path.display()))?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    let mut h = Sha256::new();
+    h.update(path.to_string_lossy().as_bytes());
+    h.update([0]);
+    h.update(mtime.to_le_bytes());
+    h.update(meta.len().to_le_bytes());
+    h.update(model_sha.as_bytes());
+    h.update([u8::from(flip)]);
+    Ok(h.finalize().into())
+}
+
+/// One cache file per (dataset folder, model, flip flag).
+fn cache_file_name(root: &Path, model_sha: &str, flip: bool) -> String {
+    let mut h = Sha256::new();
+    h.update(root.to_string_lossy().as_bytes());
+    h.update([0]);
+    h.update(model_sha.as_bytes());
+    h.update([u8::from(flip)]);
+    let digest = h.finalize();
+    let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+    format!("emb-{hex}.safetensors")
+}
+
+/// Cached rows by key; `None` when the file is absent, unreadable or of another width.
+fn read_cache(path: &Path, dim: usize) -> Option<HashMap<[u8; 32], Vec<f32>>> {
+    let bytes = std::fs::read(path).ok()?;
+    let st = SafeTensors::deserialize(&bytes).ok()?;
+    let keys = st.tensor("keys").ok()?;
+    let emb = st.tensor("embeddings").ok()?;
+    let n = *keys.shape().first()?;
+    if keys.dtype() != Dtype::U8 || keys.shape() != [n, 32] || emb.shape() != [n, dim] {
+        return None;
+    }
+    let values = float_values(&emb).ok()?;
+    Some(
+        keys.data()
+            .chunks_exact(32)
+            .zip(values.chunks_exact(dim))
+            .map(|(k, row)| (k.try_into().unwrap_or([0; 32]), row.to_vec()))
+            .collect(),
+    )
+}
+
+fn write_cache(path: &Path, keys: &[[u8; 32]], data: &[f32], dim: usize) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    let key_bytes: Vec<u8> = keys.concat();
+    let emb: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let n = keys.len();
+    let tensors = [
+        (
+            "keys",
+            safetensors::tensor::TensorView::new(Dtype::U8, vec![n, 32], &key_bytes)?,
+        ),
+        (
+            "embeddings",
+            safetensors::tensor::TensorView::new(Dtype::F32, vec![n, dim], &emb)?,
+        ),
+    ];
+    let bytes = safetensors::serialize(tensors, None)
+        .map_err(|e| anyhow!("cannot serialise the cache: {e}"))?;
+    crate::dataset::write_atomic(path, &bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bilinear_matches_hand_computed_torch_values() {
+        // torch: F.interpolate(tensor([[[[1., 2.]]]]), size=(1, 4), mode="bilinear",
+        // align_corners=False) == [[1.00, 1.25, 1.75, 2.00]].
+        let up = resize_bilinear(&[1.0, 2.0], 1, (1, 2), (1, 4)).unwrap();
+        assert_eq!(up, vec![1.0, 1.25, 1.75, 2.0]);
+        // 4 -> 2 averages neighbouring pairs: src = 2 (o + 0.5) - 0.5 = 0.5, 2.5.
+        let down = resize_bilinear(&[0.0, 4.0, 8.0, 16.0], 1, (1, 4), (1, 2)).unwrap();
+        assert_eq!(down, vec![2.0, 12.0]);
+        // 3x3 -> 2x2 of v = 3r + c (bilinear is exact on linear functions): source
+        // coordinates 1.5 (o + 0.5) - 0.5 = 0.25 and 1.75 on both axes.
+        let src: Vec<f32> = (0..9).map(|v| v as f32).collect();
+        let out = resize_bilinear(&src, 1, (3, 3), (2, 2)).unwrap();
+        assert_eq!(out, vec![1.0, 2.5, 5.5, 7.0]);
+        // Planes are resized independently.
+        let two = resize_bilinear(&[1.0, 2.0, 10.0, 20.0], 2, (1, 2), (1, 4)).unwrap();
+        assert_eq!(two, vec![1.0, 1.25, 1.75, 2.0, 10.0, 12.5, 17.5, 20.0]);
+        assert!(resize_bilinear(&[1.0], 1, (1, 2), (1, 4)).is_err());
+        assert!(resize_bilinear(&[], 1, (0, 2), (1, 4)).is_err());
+    }
+
+    #[test]
+    fn bilinear_128_to_112_taps() {
+        // scale = 128/112 in f32; output 0 reads rows 0/1, the last output clamps.
+        let taps = linear_taps(128, 112);
+        assert_eq!(taps.len(), 112);
+        let (i0, i1, l0, l1) = taps[0];
+        assert_eq!((i0, i1), (0, 1));
+        let src = (128.0f32 / 112.0) * 0.5 - 0.5;
+        assert_eq!((l0, l1), (1.0 - src, src));
+        // Last output: src = 1.142857 * 111.5 - 0.5 = 126.93, between rows 126 and 127.
+        let last = taps[111];
+        assert_eq!((last.0, last.1), (126, 127));
+        assert!((last.3 - 0.928_57).abs() < 1e-4, "{last:?}");
+        // Upsampling clamps at the far edge: 2 -> 4, output 3 reads row 1 only.
+        assert_eq!(linear_taps(2, 4)[3], (1, 1, 0.75, 0.25));
+        // Constant images stay constant; a 112 input is left untouched.
+        let img = RgbImage::from_pixel(128, 128, image::Rgb([255, 0, 128]));
+        let x = preprocess(&img).unwrap();
+        assert_eq!(x.len(), 3 * 112 * 112);
+        assert!(x[..112 * 112].iter().all(|&v| v == 1.0));
+        assert!(x[112 * 112..2 * 112 * 112].iter().all(|&v| v == -1.0));
+        let img = RgbImage::from_pixel(112, 112, image::Rgb([10, 20, 30]));
+        assert_eq!(preprocess(&img).unwrap()[0], (10.0 / 255.0 - 0.5) / 0.5);
+    }
+
+    #[test]
+    fn scan_skips_hidden_and_top_level_files() {
+        let dir = tempfile::tempdir().unwrap();
+        for (sub, files) in [
+            ("000001", &["0001.png", "0000.png"][..]),
+            ("000000", &["0000.png"][..]),
+            (".partial-000002", &["0000.png"][..]),
+            ("empty", &["notes.txt"][..]),
+        ] {
+            std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+            for f in files {
+                std::fs::write(dir.path().join(sub).join(f), b"x").unwrap();
+            }
+        }
+        std::fs::write(dir.path().join("grid.png"), b"x").unwrap();
+        let f = scan_image_folder(dir.path()).unwrap();
+        assert_eq!(f.identities, vec!["000000", "000001"]);
+        assert_eq!(
+            f.files,
+            vec!["000000/0000.png", "000001/0000.png", "000001/0001.png"]
+        );
+        assert_eq!(f.labels, vec![0, 1, 1]);
+        let empty = tempfile::tempdir().unwrap();
+        let e = scan_image_folder(empty.path()).unwrap_err().to_string();
+        assert!(e.contains("no images"), "{e}");
+    }
+
+    #[test]
+    fn embeddings_file_round_trip_and_foreign_labels() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Embeddings {
+            dim: 2,
+            data: vec![1.0, 0.0, 0.0, 1.0, 0.6, 0.8],
+            labels: vec![0, 1, 1],
+            identities: vec!["a".into(), "b".into()],
+            files: vec!["a/0.png".into(), "b/0.png".into(), "b/1.png".into()],
+        };
+        let p = dir.path().join("e.safetensors");
+        e.save(&p).unwrap();
+        assert_eq!(Embeddings::load(&p).unwrap(), e);
+        // A foreign file: i64 labels 7, 3, 7 and unnormalised f64 rows.
+        let data: Vec<u8> = [3.0f64, 4.0, 1.0, 0.0, 0.0, 2.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let labels: Vec<u8> = [7i64, 3, 7].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let bytes = safetensors::serialize(
+            [
+                (
+                    "embeddings",
+                    safetensors::tensor::TensorView::new(Dtype::F64, vec![3, 2], &data).unwrap(),
+                ),
+                (
+                    "labels",
+                    safetensors::tensor::TensorView::new(Dtype::I64, vec![3], &labels).unwrap(),
+                ),
+            ],
+            None,
+        )
+        .unwrap();
+        std::fs::write(&p, bytes).unwrap();
+        let f = Embeddings::load(&p).unwrap();
+        assert_eq!(f.labels, vec![1, 0, 1]);
+        assert_eq!(f.identities, vec!["3", "7"]);
+        assert_eq!(f.data, vec![0.6, 0.8, 1.0, 0.0, 0.0, 1.0]);
+        std::fs::write(&p, b"junk").unwrap();
+        let err = Embeddings::load(&p).unwrap_err().to_string();
+        assert!(err.contains("e.safetensors") && !err.contains('\n'), "{err}");
+    }
+}

@@ -1,0 +1,51 @@
+//! Native file dialogs, run on short-lived background threads so the UI never blocks.
+//! They are skipped when there is no display (neither `DISPLAY` nor `WAYLAND_DISPLAY`):
+//! the path text fields always work.
+
+use crate::worker::Event;
+use crate::worker::{EventSender, PickTarget};
+use std::path::PathBuf;
+
+/// True when a display is available for native dialogs.
+pub fn dialogs_available() -> bool {
+    ["DISPLAY", "WAYLAND_DISPLAY"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()))
+}
+
+fn filters(target: PickTarget) -> (&'static str, &'static [&'static str]) {
+    match target {
+        PickTarget::Unet | PickTarget::Decoder | PickTarget::FrModel => {
+            ("Checkpoints", &["ckpt", "pt", "pth", "safetensors", "onnx"])
+        }
+        PickTarget::UnetConfig | PickTarget::DecoderConfig => ("Configs", &["json", "yaml", "yml"]),
+        PickTarget::Contexts => ("Context files", &["npy", "safetensors", "pkl", "pt"]),
+        PickTarget::OpenSession | PickTarget::SaveSession => ("Sessions", &["json"]),
+        PickTarget::ExportPng => ("PNG images", &["png"]),
+    }
+}
+
+/// Opens a dialog for `target` on a background thread; the answer arrives as
+/// [`Event::FilePicked`]. Does nothing (sends `None`) without a display.
+pub fn spawn_pick(target: PickTarget, start: Option<PathBuf>, events: EventSender) {
+    if !dialogs_available() {
+        events.send(Event::FilePicked { target, path: None });
+        return;
+    }
+    std::thread::spawn(move || {
+        let (name, exts) = filters(target);
+        let mut dialog = rfd::FileDialog::new().add_filter(name, exts);
+        if let Some(dir) = start
+            .as_ref()
+            .and_then(|p| p.parent())
+            .filter(|d| d.is_dir())
+        {
+            dialog = dialog.set_directory(dir);
+        }
+        let path = match target {
+            PickTarget::SaveSession | PickTarget::ExportPng => dialog.save_file(),
+            _ => dialog.pick_file(),
+        };
+        events.send(Event::FilePicked { target, path });
+    });
+}

@@ -1,0 +1,134 @@
+//! The studio's views: pure functions of the state that call actions on it.
+
+pub mod analyze_tab;
+pub mod generate_tab;
+pub mod grid_view;
+pub mod identities_panel;
+pub mod model_panel;
+pub mod sampling_panel;
+pub mod status_bar;
+pub mod thumb;
+pub mod widgets;
+pub mod zoom_view;
+
+use super::state::{AppState, Tab};
+use super::textures::Thumbnails;
+use crate::worker::{PickTarget, Worker};
+use egui::{RichText, Ui};
+use std::path::PathBuf;
+
+/// What views need besides the state.
+pub struct ViewCtx<'a> {
+    /// The worker (views send commands through state actions).
+    pub worker: &'a Worker,
+    /// Thumbnail textures.
+    pub thumbs: &'a mut Thumbnails,
+    /// Native file dialogs can be shown.
+    pub dialogs_ok: bool,
+    /// Requested thumbnail size in the grid.
+    pub thumb_size: f32,
+    /// Image size in the zoom view.
+    pub zoom_size: f32,
+    /// Scroll the grid so this row is visible (keyboard navigation).
+    pub scroll_to_row: Option<usize>,
+    /// Recent p99 of the UI frame time, in ms.
+    pub frame_p99_ms: Option<f32>,
+    /// Show wall-clock timings (off in snapshot tests).
+    pub show_timings: bool,
+    /// Dialog requests of this frame.
+    pub picks: Vec<(PickTarget, Option<PathBuf>)>,
+}
+
+impl ViewCtx<'_> {
+    /// Requests a file dialog (opened by the app after the frame, off the UI thread).
+    pub fn pick(&mut self, target: PickTarget, start: Option<PathBuf>) {
+        self.picks.push((target, start));
+    }
+}
+
+/// The left settings panel.
+pub fn settings_panel(ui: &mut Ui, state: &mut AppState, cx: &mut ViewCtx) {
+    egui::ScrollArea::vertical()
+        .id_salt("settings")
+        .auto_shrink([false, false])
+        .show(ui, |ui| {
+            ui.add_space(4.0);
+            widgets::section(ui, "Model", |ui| model_panel::show(ui, state, cx));
+            widgets::section(ui, "Identities", |ui| identities_panel::show(ui, state, cx));
+            widgets::section(ui, "Sampling", |ui| sampling_panel::show(ui, state));
+            widgets::section(ui, "Session", |ui| session(ui, state, cx));
+        });
+}
+
+fn session(ui: &mut Ui, state: &mut AppState, cx: &mut ViewCtx) {
+    if let Some(t) = widgets::path_field(
+        ui,
+        "Session file",
+        &mut state.session_path,
+        "session.json",
+        PickTarget::OpenSession,
+        cx.dialogs_ok,
+    ) {
+        cx.pick(t, Some(state.session_path.clone().into()));
+    }
+    ui.horizontal(|ui| {
+        if ui.button("Save session").clicked() {
+            state.save_session();
+        }
+        if ui
+            .add_enabled(state.is_idle(), egui::Button::new("Open session"))
+            .clicked()
+        {
+            state.open_session();
+        }
+    });
+    widgets::caption(
+        ui,
+        "settings, identities and rejects; images regenerate with Run",
+    );
+}
+
+/// The top bar: title and tabs.
+pub fn top_bar(ui: &mut Ui, state: &mut AppState) {
+    ui.horizontal(|ui| {
+        ui.label(RichText::new("IDiff Studio").strong().size(16.0));
+        ui.label(
+            RichText::new("identity-conditioned diffusion")
+                .small()
+                .color(super::style::MUTED),
+        );
+        ui.add_space(24.0);
+        for tab in Tab::ALL {
+            let text = RichText::new(tab.title()).size(14.0);
+            ui.selectable_value(&mut state.tab, tab, text);
+        }
+    });
+}
+
+/// Placeholder of a tab that a later issue fills.
+pub fn placeholder(ui: &mut Ui, tab: Tab) {
+    let note = match tab {
+        Tab::Analyze => {
+            "Analyze will measure the grid with a face-recognition model: intra-class \
+                         similarity, separability (EER, FMR/FNMR), histograms per identity."
+        }
+        Tab::Export => {
+            "Export will write the curated grid (rejects left out) as an ImageFolder or \
+                        MXNet RecordIO dataset with a manifest."
+        }
+        Tab::Train => {
+            "Train will fit an FR model (IResNet + ArcFace/CosFace) on exported synthetic \
+                       identities and report verification accuracy."
+        }
+        Tab::Generate => "",
+    };
+    ui.add_space(40.0);
+    ui.vertical_centered(|ui| {
+        ui.set_max_width(520.0);
+        ui.heading(tab.title());
+        ui.add_space(6.0);
+        ui.label(RichText::new("Coming in a later release.").color(super::style::WARN));
+        ui.add_space(4.0);
+        ui.label(note);
+    });
+}

@@ -1,0 +1,655 @@
+//! `train-diffusion`: the identity-conditioned U-Net on VQ latents of ProcFace images,
+//! conditioned on the default FR model's normalised embeddings.
+//!
+//! ε-prediction MSE on the reference T = 1000 linear schedule, AdamW, an EMA of the weights,
+//! CPD (element-wise inverted dropout on the projected context) and whole-context dropout to
+//! the empty context (zeros), which trains the unconditional branch that guidance needs.
+//! Checkpoints (`unet_train.safetensors`: weights, EMA, optimiser) are written atomically
+//! every `--save-every` steps and on Ctrl-C; running the same command again resumes.
+
+use super::data::{images_to_tensor, FaceSet};
+use super::optim::{self, AdamW, AdamWConfig, Ema};
+use crate::diffusion::schedule::Schedule;
+use crate::models::iresnet::{normalise, IResNet, IResNetConfig};
+use crate::models::unet::{ConditionalUNet, UNetConfig};
+use crate::models::vq::{VqConfig, VqEncoder};
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use clap::Args;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+/// Arguments of `train-diffusion`.
+#[derive(Debug, Clone, Args)]
+pub struct TrainDiffusionArgs {
+    /// Run folder: `data.safetensors` (latent/context cache), `unet_train.safetensors`
+    /// (resumed when present), `unet.safetensors` (EMA weights), `unet.json`, `log.jsonl`.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// VQ weights (`vq.safetensors` with `encoder.*`, `quant_conv.*`).
+    #[arg(long, default_value = "assets/default/vq.safetensors")]
+    pub vq: PathBuf,
+    /// VQ config JSON.
+    #[arg(long, default_value = "assets/default/vq.json")]
+    pub vq_config: PathBuf,
+    /// FR backbone weights.
+    #[arg(long, default_value = "assets/default/fr.safetensors")]
+    pub fr: PathBuf,
+    /// FR config JSON (`layers`, `num_features`).
+    #[arg(long, default_value = "assets/default/fr.json")]
+    pub fr_config: PathBuf,
+    /// ProcFace identity seeds 0..N used for training.
+    #[arg(long, default_value_t = 1000)]
+    pub identities: u64,
+    /// Training images per identity.
+    #[arg(long, default_value_t = 8)]
+    pub per_identity: u64,
+    /// Images per identity whose FR embeddings are averaged into the identity's context.
+    #[arg(long, default_value_t = 2)]
+    pub embed_per_identity: u64,
+    /// Image size (must match the VQ).
+    #[arg(long, default_value_t = 64)]
+    pub size: u32,
+    /// U-Net base channels (multiple of 32).
+    #[arg(long, default_value_t = 32)]
+    pub initial_channels: usize,
+    /// Cumulative channel multipliers per level.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,2")]
+    pub channel_multipliers: Vec<usize>,
+    /// Levels with attention (same length as the multipliers).
+    #[arg(long, value_delimiter = ',', default_value = "false,true,true")]
+    pub is_attention: Vec<bool>,
+    /// Residual blocks per level.
+    #[arg(long, default_value_t = 1)]
+    pub n_blocks: usize,
+    /// Width of the projected context (multiple of 32).
+    #[arg(long, default_value_t = 64)]
+    pub context_channels: usize,
+    /// CPD probability (element-wise dropout on the projected context).
+    #[arg(long, default_value_t = 0.25)]
+    pub cpd: f64,
+    /// Probability of replacing a whole context by the empty context.
+    #[arg(long, default_value_t = 0.1)]
+    pub uncond: f64,
+    /// Latents per step.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Total optimiser steps (including resumed ones).
+    #[arg(long, default_value_t = 20000)]
+    pub steps: usize,
+    /// Stop (and save) after this many minutes of wall time in this run.
+    #[arg(long)]
+    pub minutes: Option<f64>,
+    /// AdamW learning rate.
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f64,
+    /// EMA decay.
+    #[arg(long, default_value_t = 0.999)]
+    pub ema: f64,
+    /// Save a checkpoint every N steps.
+    #[arg(long, default_value_t = 200)]
+    pub save_every: usize,
+    /// RNG seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl TrainDiffusionArgs {
+    /// The U-Net architecture for a context of width `context_input`.
+    pub fn unet_config(&self, context_input: usize, latent_size: usize) -> UNetConfig {
+        UNetConfig {
+            initial_channels: self.initial_channels,
+            channel_multipliers: self.channel_multipliers.clone(),
+            is_attention: self.is_attention.clone(),
+            attention_heads: -1,
+            attention_head_channels: 32,
+            n_blocks_per_resolution: self.n_blocks,
+            context_input_channels: context_input,
+            context_channels: self.context_channels,
+            input_channels: 3,
+            context_dropout_probability: self.cpd,
+            condition_type: "CA".to_owned(),
+            latent_size,
+        }
+    }
+}
+
+/// One training batch.
+pub struct DiffusionBatch {
+    /// Clean latents `(B, 3, h, w)`.
+    pub x0: Tensor,
+    /// Raw contexts `(B, context_input_channels)`.
+    pub ctx: Tensor,
+    /// Diffusion steps in `0..T`.
+    pub t: Vec<usize>,
+    /// The noise ε to predict, shaped like `x0`.
+    pub noise: Tensor,
+    /// Whole-context dropout mask per row (0 = the empty context, 1 = keep).
+    pub keep: Vec<f32>,
+}
+
+/// A trainable U-Net on its own `VarMap`.
+pub struct TrainableUNet {
+    /// The parameters.
+    pub varmap: VarMap,
+    /// The network.
+    pub unet: ConditionalUNet,
+}
+
+impl TrainableUNet {
+    /// Fresh randomly initialised weights.
+    pub fn new(cfg: &UNetConfig, device: &Device) -> Result<Self> {
+        cfg.validate()?;
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let unet = ConditionalUNet::new(vb, cfg)?;
+        Ok(Self { varmap, unet })
+    }
+
+    /// The ε-prediction MSE of one batch with CPD probability `cpd`.
+    pub fn loss(&self, schedule: &Schedule, batch: &DiffusionBatch, cpd: f64) -> Result<Tensor> {
+        let DiffusionBatch {
+            x0,
+            ctx,
+            t,
+            noise,
+            keep,
+        } = batch;
+        let b = x0.dim(0)?;
+        let dev = x0.device();
+        let sa: Vec<f32> = t.iter().map(|&s| schedule.alpha_bars[s].sqrt()).collect();
+        let sb: Vec<f32> = t
+            .iter()
+            .map(|&s| (1.0 - schedule.alpha_bars[s]).sqrt())
+            .collect();
+        let sa = Tensor::from_vec(sa, (b, 1, 1, 1), dev)?;
+        let sb = Tensor::from_vec(sb, (b, 1, 1, 1), dev)?;
+        let xt = (x0.broadcast_mul(&sa)? + noise.broadcast_mul(&sb)?)?;
+        let mut c = self.unet.project_context(ctx)?;
+        if cpd > 0.0 {
+            c = candle_nn::ops::dropout(&c, cpd as f32)?;
+        }
+        let keep = Tensor::from_vec(keep.clone(), (b, 1), dev)?;
+        let c = c.broadcast_mul(&keep)?;
+        let tt = Tensor::from_vec(t.iter().map(|&s| s as i64).collect::<Vec<_>>(), b, dev)?;
+        let eps = self.unet.forward_projected(&xt, &tt, &c)?;
+        Ok((eps - noise)?.sqr()?.mean_all()?)
+    }
+}
+
+/// L2-normalised FR embeddings of RGB images (resized to 112×112, [-1, 1]).
+pub fn fr_embeddings(
+    fr: &IResNet,
+    images: &[image::RgbImage],
+    device: &Device,
+    batch: usize,
+) -> Result<Vec<Vec<f32>>> {
+    let mut out = Vec::with_capacity(images.len());
+    for chunk in images.chunks(batch.max(1)) {
+        let x = images_to_tensor(chunk, 112, device)?;
+        let e = normalise(&fr.forward(&x)?)?;
+        out.extend(e.to_vec2::<f32>()?);
+    }
+    Ok(out)
+}
+
+/// Normalised mean of unit vectors.
+pub fn centroid(rows: &[Vec<f32>]) -> Vec<f32> {
+    let d = rows.first().map_or(0, |r| r.len());
+    let mut m = vec![0f32; d];
+    for r in rows {
+        for (a, b) in m.iter_mut().zip(r) {
+            *a += b;
+        }
+    }
+    let n = m.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    m.iter().map(|x| x / n).collect()
+}
+
+/// Loads the FR model from a weights file and its JSON config.
+pub fn load_fr(weights: &Path, config: &Path, device: &Device) -> Result<IResNet> {
+    let cfg = IResNetConfig::from_json_file(config)?;
+    IResNet::load(weights, &cfg, device)
+}
+
+/// The cached training set: latents, per-identity contexts and labels.
+pub struct LatentSet {
+    /// `(N, 3, h, w)` VQ latents (unquantised, as the reference trains on).
+    pub latents: Tensor,
+    /// `(identities, d)` contexts.
+    pub contexts: Tensor,
+    /// Identity index of each latent.
+    pub labels: Vec<u32>,
+}
+
+fn prepare(a: &TrainDiffusionArgs, device: &Device) -> Result<LatentSet> {
+    let cache = a.out.join("data.safetensors");
+    if cache.exists() {
+        let t = candle_core::safetensors::load(&cache, device)?;
+        let get = |k: &str| {
+            t.get(k)
+                .cloned()
+                .with_context(|| format!("{} lacks `{k}`", cache.display()))
+        };
+        let labels = get("labels")?.to_vec1::<u32>()?;
+        eprintln!("loaded the latent cache {}", cache.display());
+        return Ok(LatentSet {
+            latents: get("latents")?,
+            contexts: get("contexts")?,
+            labels,
+        });
+    }
+    let t0 = Instant::now();
+    let vq_cfg: VqConfig = VqConfig::from_json_file(&a.vq_config)?;
+    let encoder = VqEncoder::load(&a.vq, &vq_cfg, device)?;
+    let fr = load_fr(&a.fr, &a.fr_config, device)?;
+    let data = FaceSet::render(0..a.identities, a.per_identity, a.size)?;
+    eprintln!(
+        "rendered {} images in {:.1}s",
+        data.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    let mut latents = Vec::new();
+    let idx: Vec<usize> = (0..data.len()).collect();
+    for chunk in idx.chunks(64) {
+        latents.push(encoder.encode(&data.batch(chunk, device)?)?);
+    }
+    let latents = Tensor::cat(&latents, 0)?;
+    eprintln!("encoded latents in {:.1}s", t0.elapsed().as_secs_f64());
+    let k = a.embed_per_identity.clamp(1, a.per_identity) as usize;
+    let per = a.per_identity as usize;
+    let mut contexts = Vec::with_capacity(a.identities as usize);
+    let ids: Vec<usize> = (0..a.identities as usize).collect();
+    for group in ids.chunks(32) {
+        let images: Vec<_> = group
+            .iter()
+            .flat_map(|&i| (0..k).map(move |s| i * per + s))
+            .map(|j| data.image(j))
+            .collect();
+        let emb = fr_embeddings(&fr, &images, device, 64)?;
+        contexts.extend(emb.chunks(k).map(centroid));
+        eprintln!(
+            "contexts: {}/{} identities ({:.1}s)",
+            contexts.len(),
+            a.identities,
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    let d = contexts.first().map_or(0, |c| c.len());
+    let contexts = Tensor::from_vec(contexts.concat(), (a.identities as usize, d), device)?;
+    let labels: Vec<u32> = data.labels.iter().map(|&l| l as u32).collect();
+    let mut t = HashMap::new();
+    t.insert("latents".to_owned(), latents.clone());
+    t.insert("contexts".to_owned(), contexts.clone());
+    t.insert(
+        "labels".to_owned(),
+        Tensor::from_vec(labels.clone(), labels.len(), device)?,
+    );
+    optim::save_atomic(&t, &cache)?;
+    Ok(LatentSet {
+        latents,
+        contexts,
+        labels,
+    })
+}
+
+/// Runs `train-diffusion`; returns the exit code (130 when cancelled).
+pub fn run(a: &TrainDiffusionArgs) -> Result<i32> {
+    let device = Device::Cpu;
+    anyhow::ensure!(a.batch_size > 0, "batch size must be positive");
+    anyhow::ensure!(
+        (0.0..1.0).contains(&a.cpd) && (0.0..1.0).contains(&a.uncond),
+        "--cpd and --uncond must be in [0, 1)"
+    );
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("cannot create {}", a.out.display()))?;
+    let set = prepare(a, &device)?;
+    let (n, _, h, _) = set.latents.dims4()?;
+    let d = set.contexts.dim(1)?;
+    let cfg = a.unet_config(d, h);
+    std::fs::write(a.out.join("unet.json"), serde_json::to_string_pretty(&cfg)?)?;
+    let std = set
+        .latents
+        .flatten_all()?
+        .var_keepdim(0)?
+        .sqrt()?
+        .to_vec1::<f32>()?[0];
+    eprintln!("{n} latents {h}x{h}, context width {d}, latent std {std:.3}");
+
+    let model = TrainableUNet::new(&cfg, &device)?;
+    let vars = optim::named_vars(&model.varmap);
+    let nparams: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    eprintln!("U-Net: {} tensors, {nparams} parameters", vars.len());
+    let mut opt = AdamW::new(
+        vars.clone(),
+        AdamWConfig {
+            lr: a.lr,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )?;
+    let mut ema = Ema::new(&vars, a.ema)?;
+    let ckpt = a.out.join("unet_train.safetensors");
+    let mut rng = ChaCha20Rng::seed_from_u64(a.seed);
+    if ckpt.exists() {
+        let saved = candle_core::safetensors::load(&ckpt, &device)?;
+        optim::load_vars(&vars, &saved)?;
+        opt.load_state(&saved)?;
+        let ema_saved: HashMap<String, Tensor> = saved
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix("ema.").map(|k| (k.to_owned(), v.clone())))
+            .collect();
+        ema.load(&ema_saved)?;
+        rng = ChaCha20Rng::seed_from_u64(a.seed ^ (opt.step as u64).wrapping_mul(0x9E37_79B9));
+        eprintln!("resumed {} at step {}", ckpt.display(), opt.step);
+    }
+    let schedule = Schedule::reference();
+    let cancel = optim::cancel_flag();
+    let start = Instant::now();
+    let deadline = a.minutes.map(|m| m * 60.0);
+    let mut log = String::new();
+    let mut last_log = Instant::now();
+    let mut running = 0f64;
+    let mut running_n = 0usize;
+    let mut interrupted = false;
+    while opt.step < a.steps {
+        if cancel.load(Ordering::SeqCst) {
+            interrupted = true;
+            break;
+        }
+        if deadline.is_some_and(|dl| start.elapsed().as_secs_f64() > dl) {
+            break;
+        }
+        let idx: Vec<u32> = (0..a.batch_size)
+            .map(|_| rng.random_range(0..n as u32))
+            .collect();
+        let lab: Vec<u32> = idx.iter().map(|&i| set.labels[i as usize]).collect();
+        let it = Tensor::from_vec(idx, a.batch_size, &device)?;
+        let lt = Tensor::from_vec(lab, a.batch_size, &device)?;
+        let x0 = set.latents.index_select(&it, 0)?;
+        let ctx = set.contexts.index_select(&lt, 0)?;
+        let t: Vec<usize> = (0..a.batch_size)
+            .map(|_| rng.random_range(0..schedule.len()))
+            .collect();
+        let keep: Vec<f32> = (0..a.batch_size)
+            .map(|_| {
+                if rng.random::<f64>() < a.uncond {
+                    0.0
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        let noise = x0.randn_like(0.0, 1.0)?;
+        let batch = DiffusionBatch {
+            x0,
+            ctx,
+            t,
+            noise,
+            keep,
+        };
+        let loss = model.loss(&schedule, &batch, a.cpd)?;
+        let grads = loss.backward()?;
+        let gn = opt.grad_norm(&grads)?;
+        let scale = if gn > 1.0 { 1.0 / gn } else { 1.0 };
+        opt.step_scaled(&grads, scale)?;
+        ema.update(&vars, opt.step)?;
+        running += loss.to_scalar::<f32>()? as f64;
+        running_n += 1;
+        let step = opt.step;
+        if step % 50 == 0 {
+            let line = serde_json::json!({
+                "step": step,
+                "loss": running / running_n as f64,
+                "grad_norm": gn,
+                "elapsed_s": start.elapsed().as_secs_f64(),
+            });
+            log.push_str(&format!("{line}\n"));
+        }
+        if last_log.elapsed().as_secs_f64() > 60.0 || step == 1 {
+            eprintln!(
+                "step {step}: loss {:.4} |g| {gn:.3} ({:.2}s/step)",
+                running / running_n as f64,
+                start.elapsed().as_secs_f64() / (running_n.max(1)) as f64
+            );
+            last_log = Instant::now();
+        }
+        if step % 50 == 0 {
+            running = 0.0;
+            running_n = 0;
+        }
+        if step % a.save_every == 0 {
+            save(&a.out, &vars, &opt, &ema, &mut log)?;
+        }
+    }
+    save(&a.out, &vars, &opt, &ema, &mut log)?;
+    eprintln!(
+        "saved step {} ({:.1} min this run)",
+        opt.step,
+        start.elapsed().as_secs_f64() / 60.0
+    );
+    Ok(if interrupted { 130 } else { 0 })
+}
+
+fn save(
+    out: &Path,
+    vars: &[(String, Var)],
+    opt: &AdamW,
+    ema: &Ema,
+    log: &mut String,
+) -> Result<()> {
+    let mut train = optim::var_tensors(vars);
+    train.extend(opt.state()?);
+    let ema_t = ema.tensors();
+    train.extend(ema_t.iter().map(|(k, v)| (format!("ema.{k}"), v.clone())));
+    optim::save_atomic(&train, &out.join("unet_train.safetensors"))?;
+    optim::save_atomic(&ema_t, &out.join("unet.safetensors"))?;
+    if !log.is_empty() {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(out.join("log.jsonl"))?;
+        f.write_all(log.as_bytes())?;
+        log.clear();
+    }
+    Ok(())
+}
+
+/// Writes `tensors` as f16 safetensors (the shipped assets are stored in half precision).
+pub fn save_f16(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let half: HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.to_dtype(DType::F16)?)))
+        .collect::<Result<_>>()?;
+    optim::save_atomic(&half, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> UNetConfig {
+        UNetConfig {
+            initial_channels: 32,
+            channel_multipliers: vec![1, 2],
+            is_attention: vec![false, true],
+            attention_heads: -1,
+            attention_head_channels: 32,
+            n_blocks_per_resolution: 1,
+            context_input_channels: 8,
+            context_channels: 32,
+            input_channels: 3,
+            context_dropout_probability: 0.25,
+            condition_type: "CA".into(),
+            latent_size: 8,
+        }
+    }
+
+    #[test]
+    fn every_unet_variable_gets_a_gradient() {
+        let dev = Device::Cpu;
+        let m = TrainableUNet::new(&tiny(), &dev).unwrap();
+        let vars = optim::named_vars(&m.varmap);
+        let x0 = Tensor::randn(0f32, 1.0, (2, 3, 8, 8), &dev).unwrap();
+        let ctx = normalise(&Tensor::randn(0f32, 1.0, (2, 8), &dev).unwrap()).unwrap();
+        let noise = Tensor::randn(0f32, 1.0, (2, 3, 8, 8), &dev).unwrap();
+        let batch = DiffusionBatch {
+            x0,
+            ctx,
+            t: vec![10, 500],
+            noise,
+            keep: vec![1.0, 1.0],
+        };
+        let loss = m.loss(&Schedule::reference(), &batch, 0.0).unwrap();
+        let grads = loss.backward().unwrap();
+        let missing = optim::vars_without_gradient(&vars, &grads).unwrap();
+        assert!(missing.is_empty(), "no gradient for {missing:?}");
+    }
+
+    /// The whole chain on tiny settings: prepare (render, encode, embed) → train → resume →
+    /// a model folder that `DefaultModel` and `eval-default` read.
+    #[test]
+    fn end_to_end_tiny_run_resumes_and_evaluates() {
+        use crate::default_model::autoencoder::{small_vq_config, vq_config_json, TrainableVq};
+        let dev = Device::Cpu;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        // Random FR and VQ stand-ins with the shipped formats.
+        let fr_cfg = IResNetConfig {
+            layers: vec![1, 1, 1, 1],
+            num_features: 8,
+            block: "IBasicBlock".into(),
+            dropout: 0.0,
+        };
+        let vm = VarMap::new();
+        IResNet::new(VarBuilder::from_varmap(&vm, DType::F32, &dev), &fr_cfg).unwrap();
+        optim::save_atomic(
+            &optim::var_tensors(&optim::named_vars(&vm)),
+            &d.join("fr.safetensors"),
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("fr.json"),
+            r#"{"layers":[1,1,1,1],"num_features":8}"#,
+        )
+        .unwrap();
+        let vq_args = crate::default_model::autoencoder::TrainAutoencoderArgs {
+            out: d.to_path_buf(),
+            identities: 1,
+            per_identity: 1,
+            size: 16,
+            ch: 32,
+            ch_mult: vec![1, 1, 1],
+            num_res_blocks: 0,
+            n_embed: 8,
+            embed_dim: 3,
+            batch_size: 1,
+            steps: 1,
+            minutes: None,
+            lr: 1e-3,
+            beta: 0.25,
+            save_every: 1,
+            restart_every: 0,
+            seed: 0,
+        };
+        let vq_cfg = small_vq_config(&vq_args);
+        let vq = TrainableVq::new(&vq_cfg, &dev).unwrap();
+        optim::save_atomic(
+            &optim::var_tensors(&optim::named_vars(&vq.varmap)),
+            &d.join("vq.safetensors"),
+        )
+        .unwrap();
+        std::fs::write(d.join("vq.json"), vq_config_json(&vq_cfg).to_string()).unwrap();
+        let mut a = TrainDiffusionArgs {
+            out: d.join("run"),
+            vq: d.join("vq.safetensors"),
+            vq_config: d.join("vq.json"),
+            fr: d.join("fr.safetensors"),
+            fr_config: d.join("fr.json"),
+            identities: 3,
+            per_identity: 2,
+            embed_per_identity: 1,
+            size: 16,
+            initial_channels: 32,
+            channel_multipliers: vec![1, 2],
+            is_attention: vec![false, true],
+            n_blocks: 1,
+            context_channels: 32,
+            cpd: 0.25,
+            uncond: 0.1,
+            batch_size: 2,
+            steps: 2,
+            minutes: None,
+            lr: 1e-3,
+            ema: 0.9,
+            save_every: 1,
+            seed: 0,
+        };
+        assert_eq!(run(&a).unwrap(), 0);
+        a.steps = 3;
+        assert_eq!(run(&a).unwrap(), 0);
+        let saved =
+            candle_core::safetensors::load(a.out.join("unet_train.safetensors"), &dev).unwrap();
+        assert_eq!(
+            saved["adam.step"].to_vec1::<i64>().unwrap(),
+            vec![3],
+            "resumed at step 2 and ran one more"
+        );
+        for f in ["unet.safetensors", "unet.json"] {
+            std::fs::copy(a.out.join(f), d.join(f)).unwrap();
+        }
+        let model = crate::default_model::DefaultModel::from_dir(d).unwrap();
+        assert_eq!(model.unet_config.context_input_channels, 8);
+        let pipeline = model.pipeline(DType::F32, &dev).unwrap();
+        let fr = model.fr_model(&dev).unwrap();
+        let ctx = crate::default_model::eval::eval_contexts(
+            crate::default_model::eval::ContextKind::Uniform,
+            2,
+            &fr,
+            8,
+            &dev,
+        )
+        .unwrap();
+        let settings = crate::diffusion::sampler::SamplingSettings {
+            sampler: crate::diffusion::sampler::SamplerKind::Ddim { steps: 2, eta: 0.0 },
+            guidance: 2.0,
+            ..Default::default()
+        };
+        let m = crate::default_model::eval::evaluate_setting(&pipeline, &fr, &ctx, 2, &settings, 4)
+            .unwrap();
+        assert!(m.eer.is_finite() && m.context_cosine.abs() <= 1.0 + 1e-4);
+    }
+
+    #[test]
+    fn trained_weights_load_with_the_inference_loader_and_match() {
+        let dev = Device::Cpu;
+        let cfg = tiny();
+        let m = TrainableUNet::new(&cfg, &dev).unwrap();
+        let vars = optim::named_vars(&m.varmap);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("unet.safetensors");
+        optim::save_atomic(&optim::var_tensors(&vars), &p).unwrap();
+        let loaded =
+            ConditionalUNet::load(&p, &cfg, &Schedule::reference(), DType::F32, &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (1, 3, 8, 8), &dev).unwrap();
+        let t = Tensor::new(&[100i64], &dev).unwrap();
+        let c = Tensor::randn(0f32, 1.0, (1, 8), &dev).unwrap();
+        let a = m.unet.forward(&x, &t, Some(&c)).unwrap();
+        let b = loaded.forward(&x, &t, Some(&c)).unwrap();
+        let err = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(err < 1e-4, "{err}");
+    }
+}

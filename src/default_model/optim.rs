@@ -1,0 +1,313 @@
+//! Training utilities shared by the default-model trainers: a resumable AdamW, an
+//! exponential moving average of weights, atomic safetensors writes and Ctrl-C handling.
+
+use anyhow::{Context, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// The trainable variables of a [`VarMap`], sorted by name (a stable order for optimiser
+/// state and tests).
+pub fn named_vars(varmap: &VarMap) -> Vec<(String, Var)> {
+    let data = varmap.data().lock().map(|d| d.clone()).unwrap_or_default();
+    let mut vars: Vec<(String, Var)> = data.into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars
+}
+
+/// Hyper-parameters of [`AdamW`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    /// Learning rate.
+    pub lr: f64,
+    /// First-moment decay.
+    pub beta1: f64,
+    /// Second-moment decay.
+    pub beta2: f64,
+    /// Denominator epsilon.
+    pub eps: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self {
+            lr: 2e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+/// AdamW whose moments can be saved and restored (candle's own optimiser hides them).
+pub struct AdamW {
+    vars: Vec<(String, Var)>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    /// Number of updates applied so far.
+    pub step: usize,
+    /// Hyper-parameters (the learning rate may be changed between steps).
+    pub config: AdamWConfig,
+}
+
+impl AdamW {
+    /// An optimiser over `vars` with zero moments.
+    pub fn new(vars: Vec<(String, Var)>, config: AdamWConfig) -> Result<Self> {
+        let zeros = |v: &Var| v.as_tensor().zeros_like();
+        let m = vars
+            .iter()
+            .map(|(_, v)| zeros(v))
+            .collect::<candle_core::Result<_>>()?;
+        let v = vars
+            .iter()
+            .map(|(_, v)| zeros(v))
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self {
+            vars,
+            m,
+            v,
+            step: 0,
+            config,
+        })
+    }
+
+    /// The variables being optimised, with their names.
+    pub fn vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+
+    /// Global L2 norm of the gradients of the optimised variables.
+    pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
+        let mut total = 0f64;
+        for (_, var) in &self.vars {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                total += g
+                    .sqr()?
+                    .sum_all()?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?;
+            }
+        }
+        Ok(total.sqrt())
+    }
+
+    /// One update; gradients are scaled by `grad_scale` (for norm clipping). Variables without
+    /// a gradient are left unchanged.
+    pub fn step_scaled(&mut self, grads: &GradStore, grad_scale: f64) -> Result<()> {
+        self.step += 1;
+        let c = self.config;
+        let t = self.step as i32;
+        let bc1 = 1.0 - c.beta1.powi(t);
+        let bc2 = 1.0 - c.beta2.powi(t);
+        for (i, (_, var)) in self.vars.iter().enumerate() {
+            let Some(g) = grads.get(var.as_tensor()) else {
+                continue;
+            };
+            let g = if grad_scale == 1.0 {
+                g.clone()
+            } else {
+                (g * grad_scale)?
+            };
+            let m = ((&self.m[i] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+            let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
+            let theta = var.as_tensor();
+            let decayed = if c.weight_decay > 0.0 {
+                (theta * (1.0 - c.lr * c.weight_decay))?
+            } else {
+                theta.clone()
+            };
+            var.set(&(decayed - (update * c.lr)?)?)?;
+            self.m[i] = m;
+            self.v[i] = v;
+        }
+        Ok(())
+    }
+
+    /// The moments and step counter as named tensors (`adam.m.<name>`, `adam.v.<name>`,
+    /// `adam.step`).
+    pub fn state(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        for (i, (name, _)) in self.vars.iter().enumerate() {
+            out.insert(format!("adam.m.{name}"), self.m[i].clone());
+            out.insert(format!("adam.v.{name}"), self.v[i].clone());
+        }
+        let dev = self.m.first().map_or(Device::Cpu, |t| t.device().clone());
+        out.insert("adam.step".into(), Tensor::new(&[self.step as i64], &dev)?);
+        Ok(out)
+    }
+
+    /// Restores moments and step counter saved by [`AdamW::state`]; missing moments stay
+    /// zero, shape mismatches are refused.
+    pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        for (i, (name, var)) in self.vars.iter().enumerate() {
+            for (slot, key) in [(0, format!("adam.m.{name}")), (1, format!("adam.v.{name}"))] {
+                if let Some(t) = state.get(&key) {
+                    anyhow::ensure!(
+                        t.dims() == var.dims(),
+                        "optimiser state `{key}` has shape {:?}, the variable {:?}",
+                        t.dims(),
+                        var.dims()
+                    );
+                    let t = t.to_dtype(var.dtype())?.to_device(var.device())?;
+                    if slot == 0 {
+                        self.m[i] = t;
+                    } else {
+                        self.v[i] = t;
+                    }
+                }
+            }
+        }
+        if let Some(s) = state.get("adam.step") {
+            self.step = s
+                .to_dtype(DType::I64)?
+                .to_vec1::<i64>()?
+                .first()
+                .copied()
+                .unwrap_or(0) as usize;
+        }
+        Ok(())
+    }
+}
+
+/// Exponential moving average of a set of variables.
+pub struct Ema {
+    shadow: Vec<(String, Tensor)>,
+    /// Decay per update (e.g. 0.999).
+    pub decay: f64,
+}
+
+impl Ema {
+    /// Starts the average at the current values of `vars`.
+    pub fn new(vars: &[(String, Var)], decay: f64) -> Result<Self> {
+        let shadow = vars
+            .iter()
+            .map(|(n, v)| Ok((n.clone(), v.as_tensor().detach().copy()?)))
+            .collect::<Result<_>>()?;
+        Ok(Self { shadow, decay })
+    }
+
+    /// `shadow ← decay·shadow + (1 − decay)·var`, with the decay warmed up as
+    /// `min(decay, (1 + step) / (10 + step))`.
+    pub fn update(&mut self, vars: &[(String, Var)], step: usize) -> Result<()> {
+        let d = self.decay.min((1.0 + step as f64) / (10.0 + step as f64));
+        for ((_, s), (_, v)) in self.shadow.iter_mut().zip(vars) {
+            *s = ((&*s * d)? + (v.as_tensor().detach() * (1.0 - d))?)?;
+        }
+        Ok(())
+    }
+
+    /// The averaged weights by name.
+    pub fn tensors(&self) -> HashMap<String, Tensor> {
+        self.shadow.iter().cloned().collect()
+    }
+
+    /// Replaces the averaged weights with saved ones (names that are absent stay as they are).
+    pub fn load(&mut self, saved: &HashMap<String, Tensor>) -> Result<()> {
+        for (name, s) in &mut self.shadow {
+            if let Some(t) = saved.get(name) {
+                anyhow::ensure!(
+                    t.dims() == s.dims(),
+                    "EMA tensor `{name}` has shape {:?}, expected {:?}",
+                    t.dims(),
+                    s.dims()
+                );
+                *s = t.to_dtype(s.dtype())?.to_device(s.device())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes tensors as safetensors through a temporary file and a rename, so that readers never
+/// see a half-written file.
+pub fn save_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("safetensors.partial");
+    candle_core::safetensors::save(tensors, &tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// Writes text through a temporary file and a rename.
+pub fn write_text_atomic(path: &Path, text: &str) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("partial");
+    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// Copies the current values of `vars` into a name → tensor map (detached).
+pub fn var_tensors(vars: &[(String, Var)]) -> HashMap<String, Tensor> {
+    vars.iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+        .collect()
+}
+
+/// Sets `vars` from saved tensors; every variable must be present with the same shape.
+pub fn load_vars(vars: &[(String, Var)], saved: &HashMap<String, Tensor>) -> Result<()> {
+    for (name, var) in vars {
+        let t = saved
+            .get(name)
+            .with_context(|| format!("checkpoint lacks `{name}`"))?;
+        anyhow::ensure!(
+            t.dims() == var.dims(),
+            "checkpoint `{name}` has shape {:?}, the model {:?}",
+            t.dims(),
+            var.dims()
+        );
+        var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+    }
+    Ok(())
+}
+
+/// A flag set by Ctrl-C (a second Ctrl-C exits at once). Installing the handler twice in one
+/// process is harmless: the first handler's flag is not replaced, so callers share it.
+pub fn cancel_flag() -> Arc<AtomicBool> {
+    static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+    FLAG.get_or_init(|| {
+        let flag = Arc::new(AtomicBool::new(false));
+        let f = flag.clone();
+        let _ = ctrlc::set_handler(move || {
+            if f.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+        });
+        flag
+    })
+    .clone()
+}
+
+/// Names of the variables in `vars` that got no gradient (or an all-zero one) from `grads`.
+pub fn vars_without_gradient(vars: &[(String, Var)], grads: &GradStore) -> Result<Vec<String>> {
+    let mut missing = Vec::new();
+    for (name, var) in vars {
+        match grads.get(var.as_tensor()) {
+            None => missing.push(name.clone()),
+            Some(g) => {
+                let s = g
+                    .abs()?
+                    .sum_all()?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?;
+                if s == 0.0 || !s.is_finite() {
+                    missing.push(name.clone());
+                }
+            }
+        }
+    }
+    Ok(missing)
+}

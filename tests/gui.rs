@@ -1,0 +1,500 @@
+//! GUI tests of the studio (one binary): egui_kittest drives the real app with the wgpu
+//! renderer on a software adapter, and the real worker loads the tiny fixture model.
+//!
+//! Snapshots live in `tests/snapshots/`; refresh them with `UPDATE_SNAPSHOTS=1 cargo test
+//! --test gui`. Fixtures come from `idiff_studio::testutil::fixture` (skipped with a note
+//! when absent).
+
+use egui_kittest::kittest::{NodeT, Queryable};
+use egui_kittest::Harness;
+use idiff_studio::app::forms::SamplerChoice;
+use idiff_studio::app::grid::{Grid, GridSpec, RowLabel};
+use idiff_studio::app::state::Outcome;
+use idiff_studio::app::StudioApp;
+use idiff_studio::diffusion::sampler::SamplingSettings;
+use idiff_studio::testutil::fixture;
+use idiff_studio::worker::Command;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// The tests share 2 cores and a software GPU: run them one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Weights {
+    unet: PathBuf,
+    unet_config: PathBuf,
+    decoder: PathBuf,
+    decoder_config: PathBuf,
+}
+
+fn weights() -> Option<Weights> {
+    Some(Weights {
+        unet: fixture("unet_tiny_ema_averaged_model.ckpt")?,
+        unet_config: fixture("unet_tiny_config.json")?,
+        decoder: fixture("vq_tiny_first_stage_decoder_state_dict.pt")?,
+        decoder_config: fixture("vq_tiny_config.json")?,
+    })
+}
+
+fn harness(size: [f32; 2]) -> Harness<'static, StudioApp> {
+    let mut app = StudioApp::new().without_dialogs();
+    app.show_timings = false;
+    Harness::builder()
+        .with_size(size)
+        .with_max_steps(64)
+        .wgpu()
+        .build_ui_state(|ui, app: &mut StudioApp| app.show(ui), app)
+}
+
+/// Steps frames until `done` holds (panics after `timeout`).
+fn step_until(
+    h: &mut Harness<'_, StudioApp>,
+    timeout: Duration,
+    what: &str,
+    done: impl Fn(&StudioApp) -> bool,
+) {
+    let start = Instant::now();
+    while !done(h.state()) {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        h.step();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    h.step();
+}
+
+fn fill_paths(h: &mut Harness<'_, StudioApp>, w: &Weights) {
+    let m = &mut h.state_mut().state.model;
+    m.unet = w.unet.display().to_string();
+    m.unet_config = w.unet_config.display().to_string();
+    m.decoder = w.decoder.display().to_string();
+    m.decoder_config = w.decoder_config.display().to_string();
+}
+
+/// Loads the fixture model by clicking Load model, through the real worker.
+fn load_model(h: &mut Harness<'_, StudioApp>, w: &Weights) {
+    fill_paths(h, w);
+    h.step();
+    h.get_by_label("Load model").click();
+    h.step();
+    step_until(h, Duration::from_secs(120), "the model to load", |a| {
+        a.state.is_idle()
+    });
+    assert!(
+        h.state().state.model_info().is_some(),
+        "load failed: {:?}",
+        h.state().state.model_error
+    );
+}
+
+/// Shows only file names in the path fields, so snapshots do not depend on the checkout.
+fn short_paths(h: &mut Harness<'_, StudioApp>) {
+    let m = &mut h.state_mut().state.model;
+    for p in [
+        &mut m.unet,
+        &mut m.unet_config,
+        &mut m.decoder,
+        &mut m.decoder_config,
+    ] {
+        if let Some(name) = PathBuf::from(p.as_str()).file_name() {
+            *p = name.to_string_lossy().into_owned();
+        }
+    }
+}
+
+#[test]
+fn opens_without_a_model_and_explains_what_to_load() {
+    let _g = serial();
+    let mut h = harness([1280.0, 800.0]);
+    h.run();
+    h.get_by_label_contains("No model is loaded yet");
+    h.get_by_label("Idle: load a model to start");
+    for tab in ["Export", "Train"] {
+        h.get_by_label(tab).click();
+        h.run();
+        h.get_by_label("Coming in a later release.");
+    }
+}
+
+#[test]
+fn run_fills_the_grid_reject_and_zoom_with_snapshots() {
+    let _g = serial();
+    let Some(w) = weights() else { return };
+    let mut h = harness([1280.0, 800.0]);
+    h.run();
+    load_model(&mut h, &w);
+    short_paths(&mut h);
+    h.get_by_label_contains("Load model");
+
+    // Sliders through accesskit, like assistive technology would.
+    let slider = egui::accesskit::Role::Slider;
+    h.get_by_role_and_label(slider, "guidance")
+        .set_value_accesskit(1.5);
+    h.get_by_role_and_label(slider, "context dropout")
+        .set_value_accesskit(0.1);
+    h.get_by_role_and_label(slider, "steps")
+        .set_value_accesskit(4.0);
+    h.run();
+    let s = &h.state().state.sampling;
+    assert_eq!((s.guidance, s.context_dropout, s.steps), (1.5, 0.1, 4));
+    {
+        let app = h.state_mut();
+        app.state.sampling.per_identity = 4;
+        app.state.sampling.batch_size = 8;
+        app.state.identity_form.count = 3;
+        app.apply_identity_form();
+    }
+    h.step();
+
+    h.get_by_label("Run").click();
+    h.step();
+    assert!(h.state().state.is_running());
+    step_until(&mut h, Duration::from_secs(180), "the job to finish", |a| {
+        a.state.is_idle()
+    });
+    let st = &h.state().state;
+    assert!(
+        matches!(st.outcome, Some(Outcome::Finished { images: 12, .. })),
+        "{:?} / {:?}",
+        st.outcome,
+        st.error
+    );
+    let grid = st.grid.as_ref().unwrap();
+    assert_eq!((grid.rows(), grid.cols(), grid.final_images()), (3, 4, 12));
+    assert_eq!(grid.finished_rows.len(), 3);
+
+    // Reject one image with a right click.
+    h.get_by_label("image 0/1").click_secondary();
+    h.run();
+    let rejects = &h.state().state.grid.as_ref().unwrap().rejects;
+    assert!(rejects.is_rejected(0, 1) && !rejects.is_rejected(0, 0));
+    // Every visible thumbnail was uploaded exactly once, and reused on the next frames.
+    let uploads = h.state().thumbs.uploads();
+    assert_eq!(uploads, 12);
+    h.run();
+    assert_eq!(h.state().thumbs.uploads(), uploads);
+    h.snapshot("generate_tab");
+
+    // Click opens the zoom view of that identity.
+    h.get_by_label("image 1/2").click();
+    h.run();
+    assert_eq!(h.state().state.zoom, Some(1));
+    h.get_by_label_contains("Identity 1");
+    h.snapshot("zoom_view");
+    // Delete toggles the reject of the selected image; Escape goes back.
+    h.key_press(egui::Key::Delete);
+    h.run();
+    assert!(h
+        .state()
+        .state
+        .grid
+        .as_ref()
+        .unwrap()
+        .rejects
+        .is_rejected(1, 2));
+    h.key_press(egui::Key::Escape);
+    h.run();
+    assert_eq!(h.state().state.zoom, None);
+    // Arrow keys move the selection.
+    h.key_press(egui::Key::ArrowDown);
+    h.run();
+    assert_eq!(h.state().state.selection, Some((2, 2)));
+}
+
+#[test]
+fn cancel_stops_a_long_ddpm_job_and_a_new_job_can_start() {
+    let _g = serial();
+    let Some(w) = weights() else { return };
+    let mut h = harness([1280.0, 800.0]);
+    h.run();
+    load_model(&mut h, &w);
+    {
+        let s = &mut h.state_mut().state.sampling;
+        s.sampler = SamplerChoice::Ddpm;
+        s.per_identity = 1;
+    }
+    h.step();
+    h.get_by_label("Run").click();
+    step_until(&mut h, Duration::from_secs(60), "the first steps", |a| {
+        a.state.progress.is_some_and(|p| p.steps_done >= 2)
+    });
+    let total = h.state().state.progress.unwrap().steps_total;
+    assert_eq!(total, 1000, "DDPM runs every step of the schedule");
+    let step_ms = {
+        let t = Instant::now();
+        let before = h.state().state.progress.unwrap().steps_done;
+        step_until(&mut h, Duration::from_secs(60), "two more steps", |a| {
+            a.state.progress.is_some_and(|p| p.steps_done >= before + 2)
+        });
+        let after = h.state().state.progress.unwrap().steps_done;
+        t.elapsed().as_secs_f64() * 1e3 / (after - before) as f64
+    };
+    h.get_by_label("Cancel").click();
+    let cancelled_at = Instant::now();
+    step_until(&mut h, Duration::from_secs(30), "the cancel", |a| {
+        a.state.is_idle()
+    });
+    let stop = cancelled_at.elapsed();
+    assert!(stop < Duration::from_secs(10), "cancel took {stop:?}");
+    assert_eq!(
+        h.state().state.outcome,
+        Some(Outcome::Cancelled { images: 0 })
+    );
+    h.get_by_label("Cancelled after 0 images");
+    println!(
+        "cancel of a DDPM-1000 batch: stopped {:.0} ms after the click (one step ≈ {step_ms:.0} ms)",
+        stop.as_secs_f64() * 1e3
+    );
+
+    // The studio is usable again: Space starts a new (short) job.
+    {
+        let s = &mut h.state_mut().state.sampling;
+        s.sampler = SamplerChoice::Ddim;
+        s.steps = 2;
+    }
+    h.key_press(egui::Key::Space);
+    h.step();
+    assert!(h.state().state.is_running());
+    step_until(&mut h, Duration::from_secs(120), "the second job", |a| {
+        a.state.is_idle()
+    });
+    assert!(matches!(
+        h.state().state.outcome,
+        Some(Outcome::Finished { .. })
+    ));
+}
+
+#[test]
+fn worker_errors_and_panics_become_messages() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("not_a_unet.png");
+    image::RgbImage::new(4, 4).save(&png).unwrap();
+    let mut h = harness([1280.0, 800.0]);
+    h.run();
+    {
+        let m = &mut h.state_mut().state.model;
+        m.unet = png.display().to_string();
+        m.decoder = png.display().to_string();
+    }
+    h.step();
+    h.get_by_label("Load model").click();
+    h.step();
+    assert!(!h.state().state.is_idle(), "Load did not start");
+    step_until(&mut h, Duration::from_secs(60), "the load error", |a| {
+        a.state.is_idle()
+    });
+    let err = h.state().state.model_error.clone().expect("a load error");
+    assert!(!err.contains('\n'));
+    h.get_by_label_contains("Load failed");
+    h.get_by_label("Error");
+
+    // A panic on the worker is caught and reported; the worker keeps serving commands.
+    h.state().worker.send(Command::Panic);
+    step_until(&mut h, Duration::from_secs(10), "the panic report", |a| {
+        a.state
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("internal error"))
+    });
+    h.get_by_label_contains("internal error in the worker");
+    if let Some(w) = weights() {
+        h.get_by_label("Dismiss").click();
+        h.run();
+        load_model(&mut h, &w);
+        assert!(h.state().state.error.is_none());
+    }
+}
+
+/// A synthetic grid of `rows × cols` images (few distinct pixels, shared).
+fn synthetic_grid(rows: usize, cols: usize) -> Grid {
+    let spec = GridSpec {
+        sweep: false,
+        settings: vec![SamplingSettings::default()],
+        rows: (0..rows)
+            .map(|i| RowLabel {
+                name: format!("id {i}"),
+                origin: format!("seed 0 · #{i}"),
+                key: i as u64,
+            })
+            .collect(),
+        columns: (0..cols).map(|c| format!("sample {c}")).collect(),
+    };
+    let tiles: Vec<Arc<image::RgbImage>> = (0..16u8)
+        .map(|k| {
+            Arc::new(image::RgbImage::from_fn(128, 128, |x, y| {
+                image::Rgb([k * 15, (x / 2) as u8, (y / 2) as u8])
+            }))
+        })
+        .collect();
+    let mut g = Grid::new(999, spec);
+    for r in 0..rows {
+        for c in 0..cols {
+            g.put(r, c, tiles[(r * 7 + c) % tiles.len()].clone(), false);
+        }
+    }
+    g
+}
+
+fn percentile(v: &mut [f64], q: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
+}
+
+/// Frame time of the UI thread: `ui()` plus tessellation of its output, the CPU work of a
+/// real frame before the GPU submit.
+fn timed_frame(h: &mut Harness<'_, StudioApp>) -> f64 {
+    let t = Instant::now();
+    h.step();
+    let shapes = h.output().shapes.clone();
+    let _ = h.ctx.tessellate(shapes, 1.0);
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+#[test]
+fn ui_frame_time_while_sampling_and_scrolling_a_big_grid() {
+    let _g = serial();
+    let mut h = harness([1440.0, 900.0]);
+    h.run();
+
+    // 1,000 identities × 16 samples, scrolled with the mouse wheel.
+    h.state_mut().state.grid = Some(synthetic_grid(1000, 16));
+    h.run();
+    let grid_pos = h.get_by_label("image 0/3").rect().center();
+    h.hover_at(grid_pos);
+    let mut scroll_ms = Vec::new();
+    h.state_mut().frame_stats.clear();
+    for _ in 0..200 {
+        h.event(egui::Event::MouseWheel {
+            unit: egui::MouseWheelUnit::Point,
+            delta: egui::vec2(0.0, -400.0),
+            phase: egui::TouchPhase::Move,
+            source: egui::MouseWheelSource::Unknown,
+            modifiers: egui::Modifiers::NONE,
+        });
+        scroll_ms.push(timed_frame(&mut h));
+    }
+    let far_row = h
+        .query_all_by_label_contains("image ")
+        .filter_map(|n| {
+            let label = n.accesskit_node().label()?;
+            label
+                .trim_start_matches("image ")
+                .split('/')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(far_row > 100, "scrolling reached only row {far_row}");
+    let textures = h.state().thumbs.len();
+    assert!(textures < 4200, "{textures} textures held");
+    let (s50, s99) = (
+        percentile(&mut scroll_ms.clone(), 0.5),
+        percentile(&mut scroll_ms, 0.99),
+    );
+    let fs = &h.state().frame_stats;
+    println!(
+        "scrolling 1000×16 grid: frame p50 {s50:.2} ms, p99 {s99:.2} ms; ui() alone p50 {:.2} ms, p99 {:.2} ms (down to row {far_row})",
+        fs.quantile_ms(0.5).unwrap(),
+        fs.quantile_ms(0.99).unwrap()
+    );
+
+    // While the worker samples.
+    let Some(w) = weights() else { return };
+    h.state_mut().state.grid = None;
+    load_model(&mut h, &w);
+    {
+        let st = &mut h.state_mut().state;
+        st.sampling.steps = 20;
+        st.sampling.per_identity = 8;
+        st.sampling.batch_size = 8;
+        st.sampling.live_preview = true;
+        st.sampling.preview_every = 4;
+    }
+    h.step();
+    h.get_by_label("Run").click();
+    h.step();
+    h.state_mut().frame_stats.clear();
+    let mut ms = Vec::new();
+    let start = Instant::now();
+    while h.state().state.is_running()
+        && ms.len() < 400
+        && start.elapsed() < Duration::from_secs(120)
+    {
+        ms.push(timed_frame(&mut h));
+        std::thread::sleep(Duration::from_millis(8));
+    }
+    h.state_mut().state.cancel();
+    step_until(&mut h, Duration::from_secs(60), "the job to stop", |a| {
+        a.state.is_idle()
+    });
+    let (p50, p99) = (percentile(&mut ms.clone(), 0.5), percentile(&mut ms, 0.99));
+    let fs = &h.state().frame_stats;
+    println!(
+        "ui frame while sampling: frame p50 {p50:.2} ms, p99 {p99:.2} ms; ui() alone p50 {:.2} ms, p99 {:.2} ms over {} frames",
+        fs.quantile_ms(0.5).unwrap(),
+        fs.quantile_ms(0.99).unwrap(),
+        ms.len()
+    );
+    assert!(ms.len() >= 20, "too few frames measured");
+    // Generous bound for a loaded 2-core CI machine; the goal (≤ 20 ms) is reported above.
+    assert!(p99 < 250.0, "p99 frame time {p99:.1} ms");
+}
+
+
+/// A grid of ProcFace renders: `rows` identities × `cols` samples at 128 px.
+fn procface_grid(rows: usize, cols: usize) -> Grid {
+    let mut g = synthetic_grid(rows, cols);
+    for r in 0..rows {
+        for c in 0..cols {
+            let img = idiff_studio::procface::render_sample(r as u64, c as u64, 128);
+            g.put(r, c, Arc::new(img), false);
+        }
+    }
+    g
+}
+
+#[test]
+fn analyze_tab_computes_on_the_worker_with_snapshot() {
+    let _g = serial();
+    let Some(fr) = fixture("iresnet_tiny_backbone.pth") else { return };
+    let mut h = harness([1280.0, 860.0]);
+    {
+        let app = h.state_mut();
+        app.state.grid = Some(procface_grid(8, 4));
+        app.state.model.fr_model = fr.to_string_lossy().into_owned();
+        app.state.tab = idiff_studio::app::state::Tab::Analyze;
+    }
+    h.run();
+    h.get_by_label_contains("press Run analysis");
+    h.get_by_label("Run analysis").click();
+    h.step();
+    assert!(h.state().state.analyze.running.is_some(), "analysis did not start");
+    step_until(&mut h, Duration::from_secs(240), "the analysis", |a| a.state.analyze.running.is_none());
+    let a = &h.state().state.analyze;
+    assert!(a.error.is_none(), "{:?}", a.error);
+    let result = a.result.clone().expect("a result");
+    assert_eq!((result.report.images, result.report.identities), (32, 8));
+    assert_eq!(result.report.genuine_pairs, 8 * 6);
+    assert!(result.report.metrics.is_some());
+    // Show only the file name in the Model panel's FR field, then snapshot.
+    h.state_mut().state.model.fr_model = "iresnet_tiny_backbone.pth".into();
+    h.run();
+    h.get_by_label("AUC");
+    h.snapshot("analyze_tab");
+    // Sort by a column, then open an identity in the grid.
+    h.get_by_label("Samples").click();
+    h.run();
+    assert_eq!(h.state().state.analyze.sort.1, false);
+    h.get_by_label("id 3").click();
+    h.run();
+    assert_eq!(h.state().state.tab, idiff_studio::app::state::Tab::Generate);
+    assert_eq!(h.state().state.selection, Some((3, 0)));
+}
