@@ -774,7 +774,12 @@ fn dataset_export_recordio_reads_back_curated_images_and_labels() {
     let Some(f) = gen_fixtures() else { return };
     let dir = tempfile::tempdir().unwrap();
     let gen = dir.path().join("gen");
-    let args = ds_generate_args(&f, &gen, "2", &["--random-identities", "3", "--per-identity", "3"]);
+    let args = ds_generate_args(
+        &f,
+        &gen,
+        "2",
+        &["--random-identities", "3", "--per-identity", "3"],
+    );
     ds_ok(&bin().args(&args).output().unwrap());
 
     // Identity 1's images (1,0), (0,1), (-1,0) have mean genuine similarity -1/3 < tau_gen;
@@ -785,7 +790,14 @@ fn dataset_export_recordio_reads_back_curated_images_and_labels() {
         1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0, -1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0,
         1.0f32,
     ];
-    std::fs::write(&emb, Embeddings::new(2, rows.to_vec()).unwrap().to_npy_bytes().unwrap()).unwrap();
+    std::fs::write(
+        &emb,
+        Embeddings::new(2, rows.to_vec())
+            .unwrap()
+            .to_npy_bytes()
+            .unwrap(),
+    )
+    .unwrap();
     let rejects = dir.path().join("rejects.json");
     std::fs::write(&rejects, r#"{"images": [[2, 1]], "identities": []}"#).unwrap();
     let out = dir.path().join("rec");
@@ -797,14 +809,24 @@ fn dataset_export_recordio_reads_back_curated_images_and_labels() {
         "--rejects",
         s(&rejects),
     ];
-    let mut export = vec!["dataset", "export", "--from", s(&gen), "--format", "recordio"];
+    let mut export = vec![
+        "dataset",
+        "export",
+        "--from",
+        s(&gen),
+        "--format",
+        "recordio",
+    ];
     export.extend_from_slice(&curation);
 
     // Dry run: counts only, nothing written.
     let o = run(&[&export[..], &["--dry-run"]].concat());
     ds_ok(&o);
     let text = String::from_utf8_lossy(&o.stdout);
-    assert!(text.contains("kept:") && text.contains("5 images"), "{text}");
+    assert!(
+        text.contains("kept:") && text.contains("5 images"),
+        "{text}"
+    );
     assert!(!out.exists());
 
     ds_ok(&run(&[&export[..], &["--out", s(&out)]].concat()));
@@ -830,24 +852,47 @@ fn dataset_export_recordio_reads_back_curated_images_and_labels() {
         serde_json::from_str(&std::fs::read_to_string(gen.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(m.generation.as_ref(), Some(&source["generation"]));
     assert_eq!(m.seed_contract, Some(1));
-    assert_eq!(Embeddings::load(out.join("embeddings.npy")).unwrap().len(), 5);
+    assert_eq!(
+        Embeddings::load(out.join("embeddings.npy")).unwrap().len(),
+        5
+    );
 
     // ImageFolder with JPEG: renumbered identities, source sample numbers.
     let folder = dir.path().join("folder");
     let o = run(&[
-        "dataset", "export", "--from", s(&gen), "--jpeg-quality", "80", "--rejects", s(&rejects),
-        "--out", s(&folder),
+        "dataset",
+        "export",
+        "--from",
+        s(&gen),
+        "--jpeg-quality",
+        "80",
+        "--rejects",
+        s(&rejects),
+        "--out",
+        s(&folder),
     ]);
     ds_ok(&o);
     assert!(folder.join("000002/0000.jpg").is_file());
     assert!(!folder.join("000002/0001.jpg").exists());
-    assert_eq!(ds_decode(&folder.join("000001/0001.jpg")).dimensions(), (128, 128));
+    assert_eq!(
+        ds_decode(&folder.join("000001/0001.jpg")).dimensions(),
+        (128, 128)
+    );
 
     // The same destination again is refused in one line.
     let o = run(&[&export[..], &["--out", s(&out)]].concat());
     assert_one_line_error(&o, "already exists");
     // A tau rule without embeddings is refused.
-    let o = run(&["dataset", "export", "--from", s(&gen), "--tau-img", "0.3", "--out", s(&dir.path().join("x"))]);
+    let o = run(&[
+        "dataset",
+        "export",
+        "--from",
+        s(&gen),
+        "--tau-img",
+        "0.3",
+        "--out",
+        s(&dir.path().join("x")),
+    ]);
     assert_one_line_error(&o, "--embeddings");
 }
 
@@ -856,7 +901,12 @@ fn dataset_export_to_unwritable_destination_fails_cleanly() {
     let Some(f) = gen_fixtures() else { return };
     let dir = tempfile::tempdir().unwrap();
     let gen = dir.path().join("gen");
-    let args = ds_generate_args(&f, &gen, "2", &["--random-identities", "2", "--per-identity", "1"]);
+    let args = ds_generate_args(
+        &f,
+        &gen,
+        "2",
+        &["--random-identities", "2", "--per-identity", "1"],
+    );
     ds_ok(&bin().args(&args).output().unwrap());
     let file = dir.path().join("file.txt");
     std::fs::write(&file, b"not a folder").unwrap();
@@ -866,15 +916,34 @@ fn dataset_export_to_unwritable_destination_fails_cleanly() {
     let cases = [
         (file.join("out"), "is not a folder"),
         (dir.path().join("missing/out"), "does not exist"),
-        (PathBuf::from("/proc/idiff-export-test"), "/proc/idiff-export-test"),
+        (
+            PathBuf::from("/proc/idiff-export-test"),
+            "/proc/idiff-export-test",
+        ),
     ];
     for format in ["imagefolder", "recordio"] {
         for (out, needle) in &cases {
-            let o = run(&["dataset", "export", "--from", s(&gen), "--format", format, "--out", s(out)]);
+            let o = run(&[
+                "dataset",
+                "export",
+                "--from",
+                s(&gen),
+                "--format",
+                format,
+                "--out",
+                s(out),
+            ]);
             assert_one_line_error(&o, needle);
             assert!(!out.exists());
         }
-        let o = run(&["dataset", "convert", "--from", s(&gen), "--to", s(&cases[0].0)]);
+        let o = run(&[
+            "dataset",
+            "convert",
+            "--from",
+            s(&gen),
+            "--to",
+            s(&cases[0].0),
+        ]);
         assert_one_line_error(&o, "is not a folder");
     }
     assert!(!Path::new("/proc/idiff-export-test.partial").exists());
@@ -886,9 +955,21 @@ fn dataset_export_to_unwritable_destination_fails_cleanly() {
 fn merged_shards_equal_a_single_run_byte_for_byte() {
     let Some(f) = gen_fixtures() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let common = ["--random-identities", "4", "--per-identity", "2", "--first-identity", "5"];
+    let common = [
+        "--random-identities",
+        "4",
+        "--per-identity",
+        "2",
+        "--first-identity",
+        "5",
+    ];
     let single = dir.path().join("single");
-    ds_ok(&bin().args(ds_generate_args(&f, &single, "2", &common)).output().unwrap());
+    ds_ok(
+        &bin()
+            .args(ds_generate_args(&f, &single, "2", &common))
+            .output()
+            .unwrap(),
+    );
     let mut shards = Vec::new();
     for i in 0..3 {
         let out = dir.path().join(format!("shard{i}"));
@@ -899,27 +980,81 @@ fn merged_shards_equal_a_single_run_byte_for_byte() {
     }
     let merged = dir.path().join("merged");
     // Order of --from does not matter.
-    let o = run(&["merge", "--from", s(&shards[2]), s(&shards[0]), s(&shards[1]), "--out", s(&merged)]);
+    let o = run(&[
+        "merge",
+        "--from",
+        s(&shards[2]),
+        s(&shards[0]),
+        s(&shards[1]),
+        "--out",
+        s(&merged),
+    ]);
     ds_ok(&o);
     assert_eq!(tree_bytes(&merged), tree_bytes(&single));
 
     // A missing shard, a duplicated one, an incomplete one and a foreign one are refused.
-    let o = run(&["merge", "--from", s(&shards[0]), s(&shards[2]), "--out", s(&dir.path().join("m1"))]);
+    let o = run(&[
+        "merge",
+        "--from",
+        s(&shards[0]),
+        s(&shards[2]),
+        "--out",
+        s(&dir.path().join("m1")),
+    ]);
     assert_one_line_error(&o, "missing shards: 1/3");
-    let o = run(&["merge", "--from", s(&shards[0]), s(&shards[0]), s(&shards[2]), "--out", s(&dir.path().join("m2"))]);
+    let o = run(&[
+        "merge",
+        "--from",
+        s(&shards[0]),
+        s(&shards[0]),
+        s(&shards[2]),
+        "--out",
+        s(&dir.path().join("m2")),
+    ]);
     assert_one_line_error(&o, "given twice");
     let partial = dir.path().join("partial1");
     std::fs::create_dir(&partial).unwrap();
     let text = std::fs::read_to_string(shards[1].join("manifest.json")).unwrap();
-    std::fs::write(partial.join("manifest.json"), text.replace("\"complete\"", "\"partial\"")).unwrap();
-    let o = run(&["merge", "--from", s(&shards[0]), s(&partial), s(&shards[2]), "--out", s(&dir.path().join("m3"))]);
+    std::fs::write(
+        partial.join("manifest.json"),
+        text.replace("\"complete\"", "\"partial\""),
+    )
+    .unwrap();
+    let o = run(&[
+        "merge",
+        "--from",
+        s(&shards[0]),
+        s(&partial),
+        s(&shards[2]),
+        "--out",
+        s(&dir.path().join("m3")),
+    ]);
     assert_one_line_error(&o, "incomplete");
     let foreign = dir.path().join("foreign");
-    let args = ds_generate_args(&f, &foreign, "3", &[&common[..], &["--shard", "1/3"]].concat());
+    let args = ds_generate_args(
+        &f,
+        &foreign,
+        "3",
+        &[&common[..], &["--shard", "1/3"]].concat(),
+    );
     ds_ok(&bin().args(args).output().unwrap());
-    let o = run(&["merge", "--from", s(&shards[0]), s(&foreign), s(&shards[2]), "--out", s(&dir.path().join("m4"))]);
+    let o = run(&[
+        "merge",
+        "--from",
+        s(&shards[0]),
+        s(&foreign),
+        s(&shards[2]),
+        "--out",
+        s(&dir.path().join("m4")),
+    ]);
     assert_one_line_error(&o, "different generations");
-    let o = run(&["merge", "--from", s(&single), "--out", s(&dir.path().join("m5"))]);
+    let o = run(&[
+        "merge",
+        "--from",
+        s(&single),
+        "--out",
+        s(&dir.path().join("m5")),
+    ]);
     assert_one_line_error(&o, "not a shard");
     for m in ["m1", "m2", "m3", "m4", "m5"] {
         assert!(!dir.path().join(m).exists() && !dir.path().join(format!("{m}.partial")).exists());
@@ -933,7 +1068,14 @@ fn generate_killed_mid_run_resumes_to_identical_bytes() {
     // 8 DDIM steps per image keep the run busy for seconds after the first identity lands
     // (DDPM's 1000 steps take minutes per image on a 2-core CPU). Batches of one image
     // make the kill land while later identities are half done.
-    let common = ["--random-identities", "3", "--per-identity", "2", "--batch-size", "1"];
+    let common = [
+        "--random-identities",
+        "3",
+        "--per-identity",
+        "2",
+        "--batch-size",
+        "1",
+    ];
     let killed = dir.path().join("killed");
     let args = ds_generate_args(&f, &killed, "8", &common);
     let mut child = bin()
@@ -961,7 +1103,12 @@ fn generate_killed_mid_run_resumes_to_identical_bytes() {
 
     ds_ok(&bin().args(&args).output().unwrap());
     let full = dir.path().join("full");
-    ds_ok(&bin().args(ds_generate_args(&f, &full, "8", &common)).output().unwrap());
+    ds_ok(
+        &bin()
+            .args(ds_generate_args(&f, &full, "8", &common))
+            .output()
+            .unwrap(),
+    );
     assert_eq!(tree_bytes(&killed), tree_bytes(&full));
 }
 
@@ -983,9 +1130,23 @@ fn dataset_convert_round_trips_fixtures() {
 
     // .rec -> DIR -> .rec keeps images and labels.
     let folder = dir.path().join("folder");
-    ds_ok(&run(&["dataset", "convert", "--from", s(&rec), "--to", s(&folder)]));
+    ds_ok(&run(&[
+        "dataset",
+        "convert",
+        "--from",
+        s(&rec),
+        "--to",
+        s(&folder),
+    ]));
     let back = dir.path().join("back.rec");
-    ds_ok(&run(&["dataset", "convert", "--from", s(&folder), "--to", s(&back)]));
+    ds_ok(&run(&[
+        "dataset",
+        "convert",
+        "--from",
+        s(&folder),
+        "--to",
+        s(&back),
+    ]));
     let reader = RecordReader::open(&back, dir.path().join("back.idx")).unwrap();
     let want_labels: Vec<i64> = exp
         .tensor("labels")
@@ -1000,36 +1161,85 @@ fn dataset_convert_round_trips_fixtures() {
         .collect();
     assert_eq!(pixels, exp.tensor("images_hwc_rgb").unwrap().data());
     assert_eq!(
-        std::fs::read_to_string(dir.path().join("property")).unwrap().trim(),
-        std::fs::read_to_string(fixture("tiny_train_property").unwrap()).unwrap().trim()
+        std::fs::read_to_string(dir.path().join("property"))
+            .unwrap()
+            .trim(),
+        std::fs::read_to_string(fixture("tiny_train_property").unwrap())
+            .unwrap()
+            .trim()
     );
 
     // .rec -> safetensors holds the fixture's pixels and labels.
     let st = dir.path().join("train.safetensors");
-    ds_ok(&run(&["dataset", "convert", "--from", s(&rec), "--to", s(&st)]));
+    ds_ok(&run(&[
+        "dataset",
+        "convert",
+        "--from",
+        s(&rec),
+        "--to",
+        s(&st),
+    ]));
     let got_bytes = load(&st);
     let got = safetensors::SafeTensors::deserialize(&got_bytes).unwrap();
-    assert_eq!(got.tensor("images_hwc_rgb").unwrap().data(), exp.tensor("images_hwc_rgb").unwrap().data());
-    assert_eq!(got.tensor("labels").unwrap().data(), exp.tensor("labels").unwrap().data());
+    assert_eq!(
+        got.tensor("images_hwc_rgb").unwrap().data(),
+        exp.tensor("images_hwc_rgb").unwrap().data()
+    );
+    assert_eq!(
+        got.tensor("labels").unwrap().data(),
+        exp.tensor("labels").unwrap().data()
+    );
 
     // .bin -> safetensors has the fixture's pixels and issame; and back to .bin.
     let pairs = dir.path().join("pairs.safetensors");
-    ds_ok(&run(&["dataset", "convert", "--from", s(&bin_file), "--to", s(&pairs)]));
+    ds_ok(&run(&[
+        "dataset",
+        "convert",
+        "--from",
+        s(&bin_file),
+        "--to",
+        s(&pairs),
+    ]));
     let (got_bytes, exp_bytes) = (load(&pairs), load(&bin_expected));
     let got = safetensors::SafeTensors::deserialize(&got_bytes).unwrap();
     let exp = safetensors::SafeTensors::deserialize(&exp_bytes).unwrap();
-    assert_eq!(got.tensor("images_hwc_rgb").unwrap().shape(), &[12, 112, 112, 3]);
-    assert_eq!(got.tensor("images_hwc_rgb").unwrap().data(), exp.tensor("images_hwc_rgb").unwrap().data());
-    let flags = |t: safetensors::tensor::TensorView| t.data().iter().map(|&b| b != 0).collect::<Vec<_>>();
-    assert_eq!(flags(got.tensor("issame").unwrap()), flags(exp.tensor("issame").unwrap()));
+    assert_eq!(
+        got.tensor("images_hwc_rgb").unwrap().shape(),
+        &[12, 112, 112, 3]
+    );
+    assert_eq!(
+        got.tensor("images_hwc_rgb").unwrap().data(),
+        exp.tensor("images_hwc_rgb").unwrap().data()
+    );
+    let flags =
+        |t: safetensors::tensor::TensorView| t.data().iter().map(|&b| b != 0).collect::<Vec<_>>();
+    assert_eq!(
+        flags(got.tensor("issame").unwrap()),
+        flags(exp.tensor("issame").unwrap())
+    );
     let back_bin = dir.path().join("back.bin");
-    ds_ok(&run(&["dataset", "convert", "--from", s(&pairs), "--to", s(&back_bin)]));
-    let (imgs, _) = idiff_studio::dataset::verification_bin::load_verification_bin(&back_bin).unwrap();
+    ds_ok(&run(&[
+        "dataset",
+        "convert",
+        "--from",
+        s(&pairs),
+        "--to",
+        s(&back_bin),
+    ]));
+    let (imgs, _) =
+        idiff_studio::dataset::verification_bin::load_verification_bin(&back_bin).unwrap();
     let px: Vec<u8> = imgs.into_iter().flat_map(|i| i.into_raw()).collect();
     assert_eq!(px, exp.tensor("images_hwc_rgb").unwrap().data());
 
     // Pairs cannot become an ImageFolder.
-    let o = run(&["dataset", "convert", "--from", s(&bin_file), "--to", s(&dir.path().join("pairs_dir"))]);
+    let o = run(&[
+        "dataset",
+        "convert",
+        "--from",
+        s(&bin_file),
+        "--to",
+        s(&dir.path().join("pairs_dir")),
+    ]);
     assert_one_line_error(&o, "verification pairs");
 }
 
@@ -1038,7 +1248,9 @@ fn dataset_convert_warns_when_all_labels_are_equal() {
     let dir = tempfile::tempdir().unwrap();
     let dev = candle_core::Device::Cpu;
     let images = candle_core::Tensor::from_vec(
-        (0..3 * 8 * 8 * 3).map(|v| (v % 251) as u8).collect::<Vec<u8>>(),
+        (0..3 * 8 * 8 * 3)
+            .map(|v| (v % 251) as u8)
+            .collect::<Vec<u8>>(),
         (3, 8, 8, 3),
         &dev,
     )
@@ -1056,8 +1268,18 @@ fn dataset_convert_warns_when_all_labels_are_equal() {
     let rec = dir.path().join("same.rec");
     let o = run(&["dataset", "convert", "--from", s(&st), "--to", s(&rec)]);
     ds_ok(&o);
-    let o = run(&["dataset", "convert", "--from", s(&rec), "--to", s(&dir.path().join("out"))]);
+    let o = run(&[
+        "dataset",
+        "convert",
+        "--from",
+        s(&rec),
+        "--to",
+        s(&dir.path().join("out")),
+    ]);
     ds_ok(&o);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("warning") && err.contains("same label"), "{err}");
+    assert!(
+        err.contains("warning") && err.contains("same label"),
+        "{err}"
+    );
 }

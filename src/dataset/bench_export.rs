@@ -31,7 +31,12 @@ pub struct BenchExportArgs {
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     pub threads: Vec<usize>,
     /// Formats to measure.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "imagefolder,recordio")]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "imagefolder,recordio"
+    )]
     pub formats: Vec<ExportFormat>,
     /// JPEG quality of the JPEG measurements.
     #[arg(long, default_value_t = 90)]

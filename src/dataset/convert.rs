@@ -223,7 +223,10 @@ pub fn convert(from: &Path, to: &Path, jpeg_quality: Option<u8>) -> Result<Conve
     let output = DatasetPath::output(to);
     let encoding = match jpeg_quality {
         Some(q) => {
-            ensure!((1..=100).contains(&q), "JPEG quality must be 1-100, got {q}");
+            ensure!(
+                (1..=100).contains(&q),
+                "JPEG quality must be 1-100, got {q}"
+            );
             ImageEncoding::Jpeg { quality: q }
         }
         None => ImageEncoding::Png,
@@ -308,7 +311,11 @@ fn load(input: &DatasetPath, warnings: &mut Vec<String>) -> Result<Loaded> {
                 .enumerate()
                 .map(|(rank, id)| (id, rank as i64))
                 .collect();
-            let labels = source.images().iter().map(|id| ranks[&id.identity]).collect();
+            let labels = source
+                .images()
+                .iter()
+                .map(|id| ranks[&id.identity])
+                .collect();
             Ok(Loaded::Labelled(Box::new(FolderSet { source, labels })))
         }
         DatasetPath::RecordIo { rec, idx, .. } => {
@@ -375,11 +382,7 @@ fn read_safetensors(path: &Path) -> Result<Loaded> {
                 .collect(),
             other => bail!("'{LABELS_TENSOR}' must be int64, got {other:?}"),
         };
-        ensure!(
-            labels.len() == n,
-            "{} labels for {n} images",
-            labels.len()
-        );
+        ensure!(labels.len() == n, "{} labels for {n} images", labels.len());
         return Ok(Loaded::Labelled(Box::new(PixelSet { images, labels })));
     }
     if let Ok(issame) = st.tensor(ISSAME_TENSOR) {
@@ -429,15 +432,17 @@ fn write_folder(set: &dyn Labelled, dir: &Path, encoding: ImageEncoding) -> Resu
         let d = staged.path().join(format!("{label:06}"));
         std::fs::create_dir(&d).with_context(|| format!("cannot create {}", d.display()))?;
     }
-    jobs.par_iter().try_for_each(|&(i, label, sample)| -> Result<()> {
-        let item = set.item(i)?;
-        let bytes = item.encoded(encoding)?;
-        let path = staged
-            .path()
-            .join(format!("{label:06}"))
-            .join(format!("{sample:04}.{}", extension(&bytes)));
-        std::fs::write(&path, &bytes).with_context(|| format!("cannot write {}", path.display()))
-    })?;
+    jobs.par_iter()
+        .try_for_each(|&(i, label, sample)| -> Result<()> {
+            let item = set.item(i)?;
+            let bytes = item.encoded(encoding)?;
+            let path = staged
+                .path()
+                .join(format!("{label:06}"))
+                .join(format!("{sample:04}.{}", extension(&bytes)));
+            std::fs::write(&path, &bytes)
+                .with_context(|| format!("cannot write {}", path.display()))
+        })?;
     staged.commit()?;
     Ok((set.len(), next.len()))
 }
@@ -517,7 +522,10 @@ fn write_labelled_safetensors(set: &dyn Labelled, path: &Path) -> Result<(usize,
             ),
         ],
     )?;
-    let groups = labels.iter().collect::<std::collections::BTreeSet<_>>().len();
+    let groups = labels
+        .iter()
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
     Ok((set.len(), groups))
 }
 
@@ -544,7 +552,12 @@ mod tests {
 
     fn labelled_rec(dir: &Path) -> PathBuf {
         let items: Vec<(RgbImage, usize)> = (0..5u64)
-            .map(|i| (crate::procface::render_sample(i / 2, i, 32), (i / 2) as usize))
+            .map(|i| {
+                (
+                    crate::procface::render_sample(i / 2, i, 32),
+                    (i / 2) as usize,
+                )
+            })
             .collect();
         crate::dataset::recordio::write_dataset(dir, &items, ImageEncoding::Png).unwrap();
         dir.join("train.rec")
@@ -587,15 +600,18 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("already exists"));
-        let err = convert(&rec, &tmp.path().join("x.bin"), None).unwrap_err().to_string();
+        let err = convert(&rec, &tmp.path().join("x.bin"), None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("verification pairs"), "{err}");
     }
 
     #[test]
     fn all_equal_labels_warn() {
         let tmp = tempfile::tempdir().unwrap();
-        let items: Vec<(RgbImage, usize)> =
-            (0..3).map(|i| (crate::procface::render_sample(1, i, 16), 0)).collect();
+        let items: Vec<(RgbImage, usize)> = (0..3)
+            .map(|i| (crate::procface::render_sample(1, i, 16), 0))
+            .collect();
         crate::dataset::recordio::write_dataset(tmp.path(), &items, ImageEncoding::Png).unwrap();
         let s = convert(tmp.path(), &tmp.path().join("out.safetensors"), None).unwrap();
         assert_eq!(s.warnings.len(), 1, "{:?}", s.warnings);
@@ -605,8 +621,9 @@ mod tests {
     #[test]
     fn pairs_bin_safetensors_bin() {
         let tmp = tempfile::tempdir().unwrap();
-        let images: Vec<RgbImage> =
-            (0..4).map(|i| crate::procface::render_sample(i, 0, 112)).collect();
+        let images: Vec<RgbImage> = (0..4)
+            .map(|i| crate::procface::render_sample(i, 0, 112))
+            .collect();
         let bin = tmp.path().join("p.bin");
         VerificationPairs::from_images(&images, vec![true, false], ImageEncoding::Png)
             .unwrap()
@@ -620,7 +637,9 @@ mod tests {
         let p = VerificationPairs::read(&back).unwrap();
         assert_eq!(p.issame, vec![true, false]);
         assert_eq!(p.decode_all().unwrap(), images);
-        let err = convert(&bin, &tmp.path().join("dir"), None).unwrap_err().to_string();
+        let err = convert(&bin, &tmp.path().join("dir"), None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("verification pairs"), "{err}");
     }
 }

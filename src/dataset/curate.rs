@@ -73,8 +73,9 @@ impl ManualRejects {
         let value: serde_json::Value =
             serde_json::from_str(text).map_err(|e| anyhow!("invalid JSON: {e}"))?;
         let Some(inner) = value.get("rejects") else {
-            return serde_json::from_value(value)
-                .map_err(|e| anyhow!("expected {{\"images\": [[identity, sample]], \"identities\": [..]}}: {e}"));
+            return serde_json::from_value(value).map_err(|e| {
+                anyhow!("expected {{\"images\": [[identity, sample]], \"identities\": [..]}}: {e}")
+            });
         };
         // A session: rejects are grid rows; map rows to identity keys when the grid is known.
         let rows: Result<Self> = serde_json::from_value(inner.clone())
@@ -342,8 +343,8 @@ pub fn curate(
             counts.leakage = filter_identities(&mut groups, |id, _| !identities.contains(&id));
         }
         Some(LeakageRule::Reference { threshold, path }) => {
-            let reference = reference
-                .ok_or_else(|| anyhow!("the leakage check needs {}", path.display()))?;
+            let reference =
+                reference.ok_or_else(|| anyhow!("the leakage check needs {}", path.display()))?;
             let emb = emb
                 .as_ref()
                 .ok_or_else(|| anyhow!("the leakage check needs embeddings"))?;
@@ -594,9 +595,14 @@ mod tests {
         assert_eq!(out.counts.manual.identities, 1);
         assert_eq!(out.counts.kept_images, 14);
         assert_eq!(out.identity_map, vec![0, 2, 3, 4, 5, 6, 7]);
-        let err = curate(&images, None, None, &rules(LeakageRule::Flagged {
-            identities: BTreeSet::new(),
-        }))
+        let err = curate(
+            &images,
+            None,
+            None,
+            &rules(LeakageRule::Flagged {
+                identities: BTreeSet::new(),
+            }),
+        )
         .unwrap_err();
         assert!(err.to_string().contains("need embeddings"), "{err}");
         // No rules keep everything.

@@ -207,7 +207,12 @@ pub fn normalize(v: &mut [f32]) {
 /// Width `D` of a 2-D `.npy` array (from its header's `shape`).
 fn npy_width(bytes: &[u8]) -> Result<usize> {
     let (len, start) = match bytes.get(6) {
-        Some(1) => (bytes.get(8..10).map(|b| usize::from(b[0]) | usize::from(b[1]) << 8), 10),
+        Some(1) => (
+            bytes
+                .get(8..10)
+                .map(|b| usize::from(b[0]) | usize::from(b[1]) << 8),
+            10,
+        ),
         Some(2 | 3) => (
             bytes
                 .get(8..12)

@@ -210,7 +210,8 @@ pub fn export(
         ExportFormat::ImageFolder => {
             for k in 0..curation.identity_map.len() {
                 let d = staged.path().join(label_dir(k));
-                std::fs::create_dir(&d).with_context(|| format!("cannot create {}", d.display()))?;
+                std::fs::create_dir(&d)
+                    .with_context(|| format!("cannot create {}", d.display()))?;
             }
             let mut size = None;
             for (n, part) in items.chunks(chunk).enumerate() {
@@ -349,9 +350,10 @@ pub fn resize_112(img: &RgbImage) -> RgbImage {
 /// Reads an export's `manifest.json`.
 pub fn read_export_manifest(dir: &Path) -> Result<ExportManifest> {
     let path = dir.join("manifest.json");
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_str(&text).map_err(|e| anyhow!("{}: not an export manifest: {e}", path.display()))
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text)
+        .map_err(|e| anyhow!("{}: not an export manifest: {e}", path.display()))
 }
 
 #[cfg(test)]
@@ -393,7 +395,12 @@ mod tests {
         }
     }
 
-    fn run(src: &MemorySource, out: &Path, format: ExportFormat, encoding: ImageEncoding) -> ExportOutcome {
+    fn run(
+        src: &MemorySource,
+        out: &Path,
+        format: ExportFormat,
+        encoding: ImageEncoding,
+    ) -> ExportOutcome {
         let rules = rules();
         let cur = curate(src.images(), None, None, &rules).unwrap();
         let emb = Embeddings::new(2, (0..24).map(|v| v as f32).collect()).unwrap();
@@ -404,9 +411,14 @@ mod tests {
             rules,
         };
         let mut seen = Vec::new();
-        let outcome = export(src, &cur, Some(&emb), &req, &AtomicBool::new(false), &mut |p| {
-            seen.push(p.done)
-        })
+        let outcome = export(
+            src,
+            &cur,
+            Some(&emb),
+            &req,
+            &AtomicBool::new(false),
+            &mut |p| seen.push(p.done),
+        )
         .unwrap();
         assert_eq!(seen.first(), Some(&0));
         assert_eq!(seen.last(), Some(&8));
@@ -418,7 +430,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let src = source(112);
         let out = dir.path().join("rec");
-        let ExportOutcome::Complete(sum) = run(&src, &out, ExportFormat::RecordIo, ImageEncoding::Png)
+        let ExportOutcome::Complete(sum) =
+            run(&src, &out, ExportFormat::RecordIo, ImageEncoding::Png)
         else {
             panic!("not complete")
         };
@@ -427,14 +440,24 @@ mod tests {
         assert_eq!(reader.len(), 8);
         // Kept: identity 10 (3), 12 (samples 0 and 2), 13 (3) -> labels 0, 1, 2.
         let want: Vec<(usize, i64)> = vec![
-            (0, 0), (1, 0), (2, 0), (6, 1), (8, 1), (9, 2), (10, 2), (11, 2),
+            (0, 0),
+            (1, 0),
+            (2, 0),
+            (6, 1),
+            (8, 1),
+            (9, 2),
+            (10, 2),
+            (11, 2),
         ];
         for (k, &(i, label)) in want.iter().enumerate() {
             let (img, l) = reader.get(k).unwrap();
             assert_eq!(l, label);
             assert_eq!(img, *src.load(i).unwrap(), "image {k}");
         }
-        assert_eq!(reader.identity_ranges().unwrap(), vec![(1, 4), (4, 6), (6, 9)]);
+        assert_eq!(
+            reader.identity_ranges().unwrap(),
+            vec![(1, 4), (4, 6), (6, 9)]
+        );
         let m = read_export_manifest(&out).unwrap();
         assert_eq!(m.identity_map, vec![10, 12, 13]);
         assert_eq!(m.curation.counts.manual.images, 4);
@@ -458,15 +481,21 @@ mod tests {
         assert_eq!(img.dimensions(), (112, 112));
 
         let folder = dir.path().join("folder");
-        run(&src, &folder, ExportFormat::ImageFolder, ImageEncoding::Jpeg { quality: 90 });
+        run(
+            &src,
+            &folder,
+            ExportFormat::ImageFolder,
+            ImageEncoding::Jpeg { quality: 90 },
+        );
         let mut names: Vec<String> = std::fs::read_dir(folder.join("000001"))
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         names.sort();
         assert_eq!(names, vec!["0000.jpg", "0002.jpg"]);
-        let img = crate::dataset::decode_rgb(&std::fs::read(folder.join("000002/0001.jpg")).unwrap())
-            .unwrap();
+        let img =
+            crate::dataset::decode_rgb(&std::fs::read(folder.join("000002/0001.jpg")).unwrap())
+                .unwrap();
         assert_eq!(img.dimensions(), (128, 128));
         let m = read_export_manifest(&folder).unwrap();
         assert_eq!((m.encoding.as_str(), m.jpeg_quality), ("jpeg", Some(90)));
@@ -484,7 +513,14 @@ mod tests {
                 .num_threads(threads)
                 .build()
                 .unwrap()
-                .install(|| run(&src, &out, ExportFormat::RecordIo, ImageEncoding::Jpeg { quality: 75 }));
+                .install(|| {
+                    run(
+                        &src,
+                        &out,
+                        ExportFormat::RecordIo,
+                        ImageEncoding::Jpeg { quality: 75 },
+                    )
+                });
             recs.push(std::fs::read(out.join("train.rec")).unwrap());
         }
         assert_eq!(recs[0], recs[1]);

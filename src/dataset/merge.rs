@@ -37,10 +37,17 @@ pub fn merge(shards: &[PathBuf], out: &Path) -> Result<MergeSummary> {
     let mut images = 0;
     for (dir, m) in shards.iter().zip(&manifests) {
         for &id in &m.completed {
-            images += copy_identity(&dir.join(identity_dir_name(id)), &staged.path().join(identity_dir_name(id)))?;
+            images += copy_identity(
+                &dir.join(identity_dir_name(id)),
+                &staged.path().join(identity_dir_name(id)),
+            )?;
         }
     }
-    write_grid(staged.path(), &merged.completed, merged.generation.per_identity)?;
+    write_grid(
+        staged.path(),
+        &merged.completed,
+        merged.generation.per_identity,
+    )?;
     write_json_atomic(&staged.path().join("manifest.json"), &merged)?;
     staged.commit()?;
     Ok(MergeSummary {
@@ -52,9 +59,15 @@ pub fn merge(shards: &[PathBuf], out: &Path) -> Result<MergeSummary> {
 
 fn read_manifest(dir: &Path) -> Result<Manifest> {
     let path = dir.join("manifest.json");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("{} is not a generate output: cannot read {}", dir.display(), path.display()))?;
-    serde_json::from_str(&text).map_err(|e| anyhow!("{}: not a generate manifest: {e}", path.display()))
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "{} is not a generate output: cannot read {}",
+            dir.display(),
+            path.display()
+        )
+    })?;
+    serde_json::from_str(&text)
+        .map_err(|e| anyhow!("{}: not a generate manifest: {e}", path.display()))
 }
 
 /// Validates the shard manifests and returns the single-run manifest.
@@ -62,7 +75,10 @@ fn check(dirs: &[PathBuf], manifests: &[Manifest]) -> Result<Manifest> {
     let first = &manifests[0];
     let count = match first.generation.shard {
         Some(s) => s.count,
-        None => bail!("{} is not a shard (generated without --shard)", dirs[0].display()),
+        None => bail!(
+            "{} is not a shard (generated without --shard)",
+            dirs[0].display()
+        ),
     };
     let unsharded = |m: &Manifest| Generation {
         shard: None,
@@ -71,7 +87,10 @@ fn check(dirs: &[PathBuf], manifests: &[Manifest]) -> Result<Manifest> {
     let mut seen: Vec<Option<&Path>> = vec![None; count];
     for (dir, m) in dirs.iter().zip(manifests) {
         let Some(shard) = m.generation.shard else {
-            bail!("{} is not a shard (generated without --shard)", dir.display());
+            bail!(
+                "{} is not a shard (generated without --shard)",
+                dir.display()
+            );
         };
         ensure!(
             shard.count == count,
@@ -118,8 +137,13 @@ fn check(dirs: &[PathBuf], manifests: &[Manifest]) -> Result<Manifest> {
     // Each shard must hold exactly its identities (positions p with p mod N == i).
     let total: usize = manifests.iter().map(|m| m.total_identities).sum();
     let first_index = match &first.generation.identities {
-        IdentitySource::Random { count: n, first, .. } => {
-            ensure!(*n == total, "the shards hold {total} identities but the run has {n}");
+        IdentitySource::Random {
+            count: n, first, ..
+        } => {
+            ensure!(
+                *n == total,
+                "the shards hold {total} identities but the run has {n}"
+            );
             *first
         }
         IdentitySource::File { .. } => 0,
@@ -140,7 +164,10 @@ fn check(dirs: &[PathBuf], manifests: &[Manifest]) -> Result<Manifest> {
             ensure!(d.is_dir(), "{} is missing", d.display());
         }
     }
-    let mut completed: Vec<usize> = manifests.iter().flat_map(|m| m.completed.iter().copied()).collect();
+    let mut completed: Vec<usize> = manifests
+        .iter()
+        .flat_map(|m| m.completed.iter().copied())
+        .collect();
     completed.sort_unstable();
     Ok(Manifest {
         tool: format!("idiff-studio {}", env!("CARGO_PKG_VERSION")),
@@ -171,7 +198,9 @@ fn difference(a: &Generation, b: &Generation) -> String {
 fn copy_identity(from: &Path, to: &Path) -> Result<usize> {
     std::fs::create_dir(to).with_context(|| format!("cannot create {}", to.display()))?;
     let mut n = 0;
-    for entry in std::fs::read_dir(from).with_context(|| format!("cannot read {}", from.display()))? {
+    for entry in
+        std::fs::read_dir(from).with_context(|| format!("cannot read {}", from.display()))?
+    {
         let entry = entry.with_context(|| format!("cannot read {}", from.display()))?;
         let src = entry.path();
         if src.is_file() {

@@ -102,7 +102,9 @@ mod tests {
         }
         // Flat images stay flat.
         let flat = RgbImage::from_pixel(128, 128, image::Rgb([37, 200, 5]));
-        assert!(resize_bilinear_aa(&flat, 112, 112).pixels().all(|p| p.0 == [37, 200, 5]));
+        assert!(resize_bilinear_aa(&flat, 112, 112)
+            .pixels()
+            .all(|p| p.0 == [37, 200, 5]));
         // Same size is a copy.
         assert_eq!(resize_bilinear_aa(&img, 16, 4), img);
     }

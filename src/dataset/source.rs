@@ -51,10 +51,20 @@ impl FolderSource {
                 .collect();
             let stems: Vec<(String, PathBuf)> = files
                 .iter()
-                .map(|(n, p)| (n.rsplit_once('.').map_or(n.as_str(), |s| s.0).to_string(), p.clone()))
+                .map(|(n, p)| {
+                    (
+                        n.rsplit_once('.').map_or(n.as_str(), |s| s.0).to_string(),
+                        p.clone(),
+                    )
+                })
                 .collect();
             let mut samples = numbering(&stems);
-            if samples.iter().collect::<std::collections::BTreeSet<_>>().len() != samples.len() {
+            if samples
+                .iter()
+                .collect::<std::collections::BTreeSet<_>>()
+                .len()
+                != samples.len()
+            {
                 // e.g. 0000.png and 0000.jpg: fall back to positions.
                 samples = (0..files.len()).collect();
             }
@@ -134,7 +144,8 @@ impl ImageSource for FolderSource {
             .paths
             .get(i)
             .ok_or_else(|| anyhow!("image {i} out of range"))?;
-        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
         let img = decode_rgb(&bytes).map_err(|e| anyhow!("{}: {e:#}", path.display()))?;
         Ok(Arc::new(img))
     }
@@ -207,8 +218,8 @@ fn read_manifest(dir: &Path) -> Result<Option<serde_json::Value>> {
     if !path.is_file() {
         return Ok(None);
     }
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
     let value = serde_json::from_str(&text)
         .map_err(|e| anyhow!("{}: invalid JSON: {e}", path.display()))?;
     Ok(Some(value))
@@ -216,7 +227,8 @@ fn read_manifest(dir: &Path) -> Result<Option<serde_json::Value>> {
 
 /// Non-hidden entries of `dir` that are folders (`dirs`) or files, sorted by name.
 fn sorted_entries(dir: &Path, dirs: bool) -> Result<Vec<(String, PathBuf)>> {
-    let rd = std::fs::read_dir(dir).with_context(|| format!("cannot read folder {}", dir.display()))?;
+    let rd =
+        std::fs::read_dir(dir).with_context(|| format!("cannot read folder {}", dir.display()))?;
     let mut out = Vec::new();
     for entry in rd {
         let entry = entry.with_context(|| format!("cannot read folder {}", dir.display()))?;
@@ -244,15 +256,27 @@ mod tests {
     #[test]
     fn folder_source_numbers_identities_and_samples() {
         let dir = tempfile::tempdir().unwrap();
-        for (id, s) in [("000003", "0001.png"), ("000003", "0000.png"), ("000010", "0000.jpg")] {
+        for (id, s) in [
+            ("000003", "0001.png"),
+            ("000003", "0000.png"),
+            ("000010", "0000.jpg"),
+        ] {
             std::fs::create_dir_all(dir.path().join(id)).unwrap();
-            RgbImage::new(4, 4).save(dir.path().join(id).join(s)).unwrap();
+            RgbImage::new(4, 4)
+                .save(dir.path().join(id).join(s))
+                .unwrap();
         }
         std::fs::create_dir_all(dir.path().join(".partial-000011")).unwrap();
         std::fs::write(dir.path().join("000003/notes.txt"), "x").unwrap();
-        RgbImage::new(4, 4).save(dir.path().join("grid.png")).unwrap();
+        RgbImage::new(4, 4)
+            .save(dir.path().join("grid.png"))
+            .unwrap();
         let src = FolderSource::open(dir.path()).unwrap();
-        let ids: Vec<(usize, usize)> = src.images().iter().map(|i| (i.identity, i.sample)).collect();
+        let ids: Vec<(usize, usize)> = src
+            .images()
+            .iter()
+            .map(|i| (i.identity, i.sample))
+            .collect();
         assert_eq!(ids, vec![(3, 0), (3, 1), (10, 0)]);
         assert_eq!(src.load(2).unwrap().dimensions(), (4, 4));
         assert!(src.manifest().is_none());
@@ -261,7 +285,9 @@ mod tests {
         let named = tempfile::tempdir().unwrap();
         for id in ["bob", "alice"] {
             std::fs::create_dir_all(named.path().join(id)).unwrap();
-            RgbImage::new(2, 2).save(named.path().join(id).join("a.png")).unwrap();
+            RgbImage::new(2, 2)
+                .save(named.path().join(id).join("a.png"))
+                .unwrap();
         }
         let src = FolderSource::open(named.path()).unwrap();
         assert_eq!(src.images().len(), 2);

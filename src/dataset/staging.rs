@@ -60,9 +60,8 @@ impl StagedDir {
         check_destination(out)?;
         let partial = partial_path(out);
         if partial.exists() {
-            std::fs::remove_dir_all(&partial).map_err(|e| {
-                anyhow!("cannot remove stale {}: {e}", partial.display())
-            })?;
+            std::fs::remove_dir_all(&partial)
+                .map_err(|e| anyhow!("cannot remove stale {}: {e}", partial.display()))?;
         }
         std::fs::create_dir(&partial).map_err(|e| {
             anyhow!(
@@ -144,7 +143,9 @@ mod tests {
 
         let file = dir.path().join("file.txt");
         std::fs::write(&file, b"x").unwrap();
-        let err = StagedDir::create(&file.join("out")).unwrap_err().to_string();
+        let err = StagedDir::create(&file.join("out"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("is not a folder"), "{err}");
         let err = StagedDir::create(&dir.path().join("missing/out"))
             .unwrap_err()

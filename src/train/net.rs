@@ -6,7 +6,7 @@
 //! exactly IResNet (checked by a test on shared weights).
 
 use super::conv::conv2d;
-use super::fused::{TrainTrainBatchNorm, TrainPrelu};
+use super::fused::{TrainBatchNorm, TrainPrelu};
 use anyhow::{anyhow, bail, Result};
 use candle_core::{Module, Tensor};
 use candle_nn::{linear, Linear, VarBuilder};

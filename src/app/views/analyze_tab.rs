@@ -270,13 +270,14 @@ fn controls(ui: &mut Ui, state: &mut AppState, cx: &mut ViewCtx) {
     let a = &mut state.analyze;
     ui.horizontal_wrapped(|ui| {
         ui.radio_value(&mut a.use_folder, false, "Current grid");
-        ui.radio_value(&mut a.use_folder, true, "Folder");
+        let l = ui.radio_value(&mut a.use_folder, true, "Folder");
         if a.use_folder {
             ui.add(
                 egui::TextEdit::singleline(&mut a.folder)
                     .hint_text("ImageFolder")
                     .desired_width(180.0),
-            );
+            )
+            .labelled_by(l.id);
         }
         ui.checkbox(&mut a.flip, "Flip-sum");
         ui.checkbox(&mut a.gpu, "GPU histogram");
@@ -394,8 +395,14 @@ fn metrics_table(ui: &mut Ui, result: &AnalysisResult) {
                     format!("{:.4} / {:.4}", m.fmr100, m.fmr1000),
                 );
                 row("AUC", format!("{:.5}", m.auc));
-                row("Genuine mean / std", format!("{:.4} / {:.4}", m.gmean, m.gstd));
-                row("Impostor mean / std", format!("{:.4} / {:.4}", m.imean, m.istd));
+                row(
+                    "Genuine mean / std",
+                    format!("{:.4} / {:.4}", m.gmean, m.gstd),
+                );
+                row(
+                    "Impostor mean / std",
+                    format!("{:.4} / {:.4}", m.imean, m.istd),
+                );
                 row("d' / FDR", format!("{:.3} / {:.3}", m.decidability, m.fdr));
             } else {
                 row("Metrics", "need genuine and impostor pairs".into());
@@ -418,8 +425,9 @@ fn export_buttons(
     cx: &mut ViewCtx,
 ) {
     ui.horizontal(|ui| {
-        ui.label("Export to");
-        ui.add(egui::TextEdit::singleline(&mut state.analyze.export_dir).desired_width(160.0));
+        let l = ui.label("Export to");
+        ui.add(egui::TextEdit::singleline(&mut state.analyze.export_dir).desired_width(160.0))
+            .labelled_by(l.id);
     });
     let dir = PathBuf::from(state.analyze.export_dir.trim());
     ui.horizontal(|ui| {
