@@ -492,7 +492,7 @@ fn analyze_tab_computes_on_the_worker_with_snapshot() {
     // Sort by a column, then open an identity in the grid.
     h.get_by_label("Samples").click();
     h.run();
-    assert_eq!(h.state().state.analyze.sort.1, false);
+    assert!(!h.state().state.analyze.sort.1);
     h.get_by_label("id 3").click();
     h.run();
     assert_eq!(h.state().state.tab, idiff_studio::app::state::Tab::Generate);

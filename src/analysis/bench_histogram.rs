@@ -186,7 +186,7 @@ fn numpy_baseline(a: &BenchHistogramArgs) -> Option<f64> {
             let text = String::from_utf8_lossy(&o.stdout);
             let best = parse_wall_seconds(&text);
             if best.is_none() {
-                super::commands::emit(&format!("numpy: no timings in the script's output\n"));
+                super::commands::emit("numpy: no timings in the script's output\n");
             }
             best
         }

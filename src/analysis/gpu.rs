@@ -255,7 +255,7 @@ impl GpuHistogram {
             return Ok(out);
         }
         let emb_bytes = (emb.len() * 4) as u64;
-        let cap = u64::from(self.limits.max_storage_buffer_binding_size)
+        let cap = self.limits.max_storage_buffer_binding_size
             .min(self.limits.max_buffer_size);
         if emb_bytes > cap || n > u32::MAX as usize / dim {
             bail!(

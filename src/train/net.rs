@@ -45,7 +45,7 @@ impl NetConfig {
         if self.num_features == 0 || self.width == 0 {
             bail!("backbone num_features and width must be positive");
         }
-        if self.input_size == 0 || self.input_size % 16 != 0 {
+        if self.input_size == 0 || !self.input_size.is_multiple_of(16) {
             bail!("input size must be a positive multiple of 16, got {}", self.input_size);
         }
         if !(0.0..1.0).contains(&self.dropout) {

@@ -6,8 +6,10 @@ use serde::{Deserialize, Serialize};
 /// Decay after the warm-up.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
+#[derive(Default)]
 pub enum Decay {
     /// `lr · ½(1 + cos(π · progress))` over the steps after the warm-up.
+    #[default]
     Cosine,
     /// `lr · gamma^k`, `k` = number of `milestones` (epochs) already reached.
     Step {
@@ -18,11 +20,6 @@ pub enum Decay {
     },
 }
 
-impl Default for Decay {
-    fn default() -> Self {
-        Self::Cosine
-    }
-}
 
 /// A schedule over a fixed number of optimiser steps.
 #[derive(Debug, Clone, PartialEq)]
