@@ -56,6 +56,12 @@ pub enum Command {
     Merge(crate::dataset::commands::MergeArgs),
     /// Measure export throughput (images/s) on ProcFace images.
     BenchExport(crate::dataset::bench_export::BenchExportArgs),
+    /// Train an IResNet face-recognition model (CosFace/ArcFace) on an ImageFolder or RecordIO.
+    TrainFr(crate::train::cli::TrainFrArgs),
+    /// Evaluate a backbone on every InsightFace `.bin` in a folder.
+    Eval(crate::train::cli::EvalArgs),
+    /// Run the InsightFace 10-fold verification protocol on stored embeddings.
+    Verify(crate::train::cli::VerifyArgs),
 }
 
 /// Common arguments of the `forward` subcommands.
@@ -217,6 +223,9 @@ pub fn main_with(cli: Cli) -> Result<i32> {
         Command::Dataset(d) => crate::dataset::commands::run_dataset(&d),
         Command::Merge(m) => crate::dataset::commands::run_merge(&m),
         Command::BenchExport(b) => crate::dataset::bench_export::run(&b).map(|_| 0),
+        Command::TrainFr(a) => crate::train::cli::cli_train_fr(&a),
+        Command::Eval(a) => crate::train::cli::cli_eval(&a),
+        Command::Verify(a) => crate::train::cli::cli_verify(&a),
     }
 }
 

@@ -4,20 +4,20 @@
 //! Data flows one way: settings → command → worker → events → state → view.
 
 pub mod analysis;
-pub mod checkpoint;
-pub mod dataset;
-pub mod models;
-pub mod testutil;
-pub mod diffusion;
-pub mod identity;
+pub mod app;
 pub mod bench;
+pub mod checkpoint;
 pub mod cli;
+pub mod dataset;
+pub mod default_model;
+pub mod diffusion;
 pub mod forward;
 pub mod generate;
+pub mod identity;
+pub mod models;
 pub mod parity;
 pub mod pipeline;
+pub mod procface;
+pub mod testutil;
 pub mod train;
 pub mod worker;
-pub mod app;
-pub mod procface;
-pub mod default_model;

@@ -115,7 +115,12 @@ pub fn run_checks(dir: &Path, device: &Device, dtype: DType) -> Result<Vec<Parit
     let idx = dec.quantizer().indices(&latent)?.to_dtype(DType::I64)?;
     out.push(check("vq code_indices", &idx, &io["code_indices"], 0.0)?);
     let q = dec.decode(&io["latent"], true)?;
-    out.push(check("vq decoded_quantized", &q, &io["decoded_quantized"], 1e-4)?);
+    out.push(check(
+        "vq decoded_quantized",
+        &q,
+        &io["decoded_quantized"],
+        1e-4,
+    )?);
     let nq = dec.decode(&io["latent"], false)?;
     out.push(check(
         "vq decoded_not_quantized",
@@ -166,5 +171,9 @@ pub fn run(args: &ParityArgs) -> Result<i32> {
         crate::generate::write_json_atomic(path, &checks)?;
     }
     let all_pass = checks.iter().all(|c| c.pass);
-    Ok(if all_pass || dtype != DType::F32 { 0 } else { 1 })
+    Ok(if all_pass || dtype != DType::F32 {
+        0
+    } else {
+        1
+    })
 }

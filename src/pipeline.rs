@@ -99,7 +99,11 @@ impl Pipeline {
         // One image at a time on the CPU: the decoder's im2col buffers at full resolution are
         // tens of MB per image, and larger batches only add cache misses and page faults.
         let total = latents.dim(0)?;
-        let chunk = if self.device.is_cpu() { 1 } else { total.max(1) };
+        let chunk = if self.device.is_cpu() {
+            1
+        } else {
+            total.max(1)
+        };
         let mut images = Vec::with_capacity(total);
         for start in (0..total).step_by(chunk) {
             let n = chunk.min(total - start);

@@ -545,7 +545,14 @@ fn metrics_cli_matches_pyeer_fixture() {
         serde_json::from_str(&std::fs::read_to_string(expected).unwrap()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     for (case, want) in json["cases"].as_object().unwrap() {
-        let o = run(&["metrics", "--scores", s(&scores), "--prefix", case, "--json"]);
+        let o = run(&[
+            "metrics",
+            "--scores",
+            s(&scores),
+            "--prefix",
+            case,
+            "--json",
+        ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         assert_metrics_json(&o.stdout, want, case);
         // The same scores through pyeer text files.
@@ -554,17 +561,33 @@ fn metrics_cli_matches_pyeer_fixture() {
         let (gp, ip) = (dir.path().join("g.txt"), dir.path().join("i.txt"));
         idiff_studio::analysis::metrics::write_scores(&gp, &g).unwrap();
         idiff_studio::analysis::metrics::write_scores(&ip, &i).unwrap();
-        let o = run(&["metrics", "--genuine", s(&gp), "--impostor", s(&ip), "--json"]);
+        let o = run(&[
+            "metrics",
+            "--genuine",
+            s(&gp),
+            "--impostor",
+            s(&ip),
+            "--json",
+        ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         assert_metrics_json(&o.stdout, want, case);
         let o = run(&["metrics", "--genuine", s(&gp), "--impostor", s(&ip)]);
         let text = String::from_utf8_lossy(&o.stdout);
-        assert!(o.status.success() && text.contains("EER threshold"), "{text}");
+        assert!(
+            o.status.success() && text.contains("EER threshold"),
+            "{text}"
+        );
     }
     let o = run(&["metrics", "--scores", s(&scores), "--json"]);
     assert_one_line_error(&o, "no tensor `genuine`");
     let missing = dir.path().join("nope.txt");
-    let o = run(&["metrics", "--genuine", s(&missing), "--impostor", s(&missing)]);
+    let o = run(&[
+        "metrics",
+        "--genuine",
+        s(&missing),
+        "--impostor",
+        s(&missing),
+    ]);
     assert_one_line_error(&o, "nope.txt");
 }
 
@@ -620,7 +643,10 @@ fn analyze_images_writes_every_report_file_and_reuses_the_cache() {
     }
     let m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
-    assert_eq!((m["images"].as_u64(), m["dim"].as_u64()), (Some(18), Some(64)));
+    assert_eq!(
+        (m["images"].as_u64(), m["dim"].as_u64()),
+        (Some(18), Some(64))
+    );
     assert_eq!(m["genuine_pairs"], 18);
     assert_eq!(m["histogram_device"], "cpu");
     assert!(m["metrics"]["eer"].is_number());
@@ -1281,5 +1307,168 @@ fn dataset_convert_warns_when_all_labels_are_equal() {
     assert!(
         err.contains("warning") && err.contains("same label"),
         "{err}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// FR training: `train-fr`, `eval`, `verify`
+
+#[test]
+fn verify_cli_matches_insightface_fixture() {
+    let (Some(emb), Some(expected)) = (
+        fixture("verif_dev_verification.safetensors"),
+        fixture("verif_dev_verification_expected.json"),
+    ) else {
+        return;
+    };
+    let o = run(&["verify", "--embeddings", s(&emb)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(expected).unwrap()).unwrap();
+    for key in ["accuracy_mean", "accuracy_std", "best_thresholds"] {
+        assert_eq!(got[key], want[key], "{key}");
+    }
+}
+
+#[test]
+fn verify_cli_rejects_bad_embedding_files() {
+    use candle_core::{Device, Tensor};
+    let dir = tempfile::tempdir().unwrap();
+    let dev = Device::Cpu;
+    let only_emb = dir.path().join("only.safetensors");
+    let emb = Tensor::zeros((40, 4), candle_core::DType::F32, &dev).unwrap();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("embeddings", emb.clone())]),
+        &only_emb,
+    )
+    .unwrap();
+    assert_one_line_error(
+        &run(&["verify", "--embeddings", s(&only_emb)]),
+        "`issame` is missing",
+    );
+    let wrong = dir.path().join("wrong.safetensors");
+    let same = Tensor::zeros(7, candle_core::DType::U8, &dev).unwrap();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("embeddings", emb), ("issame", same)]),
+        &wrong,
+    )
+    .unwrap();
+    assert_one_line_error(
+        &run(&["verify", "--embeddings", s(&wrong)]),
+        "`issame` has shape [7]",
+    );
+}
+
+#[test]
+fn train_fr_then_eval_on_procface() {
+    use idiff_studio::dataset::verification_bin::VerificationPairs;
+    use idiff_studio::dataset::ImageEncoding;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("faces");
+    idiff_studio::procface::write_image_folder(&data, 0..4, 4, 32).unwrap();
+    // 20 held-out pairs at 112×112: alternately same identity and different identities.
+    let bins = dir.path().join("bins");
+    std::fs::create_dir(&bins).unwrap();
+    let (mut images, mut issame) = (Vec::new(), Vec::new());
+    for k in 0..20u64 {
+        let id = 100 + k;
+        let other = if k % 2 == 0 { id } else { id + 50 };
+        images.push(idiff_studio::procface::render_sample(id, 0, 112));
+        images.push(idiff_studio::procface::render_sample(other, 1, 112));
+        issame.push(k % 2 == 0);
+    }
+    let val = bins.join("heldout.bin");
+    VerificationPairs::from_images(&images, issame, ImageEncoding::Png)
+        .unwrap()
+        .save(&val)
+        .unwrap();
+    let out = dir.path().join("run");
+    let args = [
+        "train-fr",
+        "--data",
+        s(&data),
+        "--backbone",
+        "1,1,1,1",
+        "--width",
+        "8",
+        "--input-size",
+        "32",
+        "--num-features",
+        "16",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.1",
+        "--no-lr-scaling",
+        "--rand-ops",
+        "2",
+        "--loss",
+        "arcface",
+        "--out",
+        s(&out),
+        "--val",
+        s(&val),
+    ];
+    let o = run(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in [
+        "backbone.safetensors",
+        "best_backbone.safetensors",
+        "metrics.csv",
+        "latest.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(metrics.as_array().unwrap().len(), 2);
+    assert_eq!(metrics[1]["val"]["name"], "heldout");
+
+    // The same output folder again needs --resume; with it the finished run is a no-op.
+    assert_one_line_error(&run(&args), "--resume");
+    let mut resume = args.to_vec();
+    resume.push("--resume");
+    let o = run(&resume);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let o = run(&[
+        "eval",
+        "--model",
+        s(&out.join("backbone.safetensors")),
+        "--bins",
+        s(&bins),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["sets"][0]["name"], "heldout");
+    assert_eq!(report["sets"][0]["pairs"], 20);
+    let acc = report["sets"][0]["accuracy_mean"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("heldout"));
+
+    assert_one_line_error(
+        &run(&[
+            "eval",
+            "--model",
+            s(&out.join("backbone.safetensors")),
+            "--bins",
+            s(&data),
+        ]),
+        "no *.bin",
+    );
+    assert_one_line_error(
+        &run(&[
+            "train-fr",
+            "--data",
+            s(&data),
+            "--backbone",
+            "resnet9",
+            "--out",
+            s(&out),
+        ]),
+        "unknown backbone",
     );
 }

@@ -106,18 +106,15 @@ pub fn run(a: &BenchHistogramArgs) -> Result<HistogramBench> {
         "data: {} x {}, {} identities, {pairs} pairs, {} bins, best of {}\n",
         a.n, a.dim, a.ids, a.bins, a.repeat
     ));
-    let (cpu_seconds, cpu) =
-        best_of(a.repeat, || all_pairs_histogram(&emb, a.dim, &labels, a.bins))?;
+    let (cpu_seconds, cpu) = best_of(a.repeat, || {
+        all_pairs_histogram(&emb, a.dim, &labels, a.bins)
+    })?;
     super::commands::emit(&format!(
         "cpu  (gemm tiles, {} threads): {cpu_seconds:.3} s ({:.1} Mpairs/s)\n",
         rayon::current_num_threads(),
         pairs as f64 / cpu_seconds / 1e6
     ));
-    let numpy_seconds = if a.no_numpy {
-        None
-    } else {
-        numpy_baseline(a)
-    };
+    let numpy_seconds = if a.no_numpy { None } else { numpy_baseline(a) };
     if let Some(s) = numpy_seconds {
         super::commands::emit(&format!(
             "numpy ({}): {s:.3} s -> cpu path is {:.2}x faster\n",
@@ -178,7 +175,12 @@ fn numpy_baseline(a: &BenchHistogramArgs) -> Option<f64> {
         .arg(&script)
         .args(["--n", &a.n.to_string(), "--dim", &a.dim.to_string()])
         .args(["--ids", &a.ids.to_string(), "--bins", &a.bins.to_string()])
-        .args(["--method", &a.numpy_method, "--repeat", &a.repeat.to_string()])
+        .args([
+            "--method",
+            &a.numpy_method,
+            "--repeat",
+            &a.repeat.to_string(),
+        ])
         .output()
         .with_context(|| format!("running {}", script.display()));
     match out {
@@ -192,7 +194,10 @@ fn numpy_baseline(a: &BenchHistogramArgs) -> Option<f64> {
         }
         Ok(o) => {
             let err = String::from_utf8_lossy(&o.stderr);
-            super::commands::emit(&format!("numpy: failed ({})\n", err.lines().last().unwrap_or("no output")));
+            super::commands::emit(&format!(
+                "numpy: failed ({})\n",
+                err.lines().last().unwrap_or("no output")
+            ));
             None
         }
         Err(e) => {

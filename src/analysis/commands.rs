@@ -11,7 +11,7 @@ use safetensors::{Dtype, SafeTensors};
 use super::embed::{default_cache_dir, embed_folder, EmbedOptions, Embeddings, FrModel};
 use super::metrics::{eer_stats, read_scores, EerStats};
 use super::output::write_report_dir;
-use super::report::{analyze, HistogramBackend, Report, ReferenceSet, ReportOptions};
+use super::report::{analyze, HistogramBackend, ReferenceSet, Report, ReportOptions};
 
 /// File the `analyze` command writes the embeddings to (re-usable with `--embeddings`).
 pub const EMBEDDINGS_FILE: &str = "embeddings.safetensors";
@@ -129,7 +129,11 @@ pub fn run_analyze(a: &AnalyzeArgs) -> Result<i32> {
         .iter()
         .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
         .collect();
-    emit(&format!("wrote {}: {}\n", a.out.display(), names.join(", ")));
+    emit(&format!(
+        "wrote {}: {}\n",
+        a.out.display(),
+        names.join(", ")
+    ));
     Ok(0)
 }
 
@@ -214,7 +218,11 @@ pub fn summary(r: &Report, seconds: f64) -> String {
         r.histogram.total(),
         r.histogram_device
     );
-    let with_outliers = r.per_identity.iter().filter(|p| !p.outliers.is_empty()).count();
+    let with_outliers = r
+        .per_identity
+        .iter()
+        .filter(|p| !p.outliers.is_empty())
+        .count();
     s += &format!(
         "outliers: {} samples in {with_outliers} identities\n",
         r.outlier_count()
@@ -343,7 +351,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("s.safetensors");
         let g: Vec<u8> = [0.9f64, 0.8].iter().flat_map(|v| v.to_le_bytes()).collect();
-        let i: Vec<u8> = [0.1f32, 0.85].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let i: Vec<u8> = [0.1f32, 0.85]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         let bytes = safetensors::serialize(
             [
                 (
@@ -363,9 +374,15 @@ mod tests {
         assert_eq!(g, vec![0.9, 0.8]);
         assert_eq!(i, vec![f64::from(0.1f32), f64::from(0.85f32)]);
         let e = read_score_tensors(&p, None).unwrap_err().to_string();
-        assert!(e.contains("no tensor `genuine`") && e.contains("x.genuine"), "{e}");
+        assert!(
+            e.contains("no tensor `genuine`") && e.contains("x.genuine"),
+            "{e}"
+        );
         let m = eer_stats(&g, &i).unwrap();
         let text = metrics_text(&m, 2, 2);
-        assert!(text.contains("EER ") && text.lines().count() == 12, "{text}");
+        assert!(
+            text.contains("EER ") && text.lines().count() == 12,
+            "{text}"
+        );
     }
 }

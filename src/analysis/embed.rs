@@ -328,7 +328,10 @@ impl Embeddings {
             .iter()
             .find(|&&l| l as usize >= self.identities.len())
         {
-            bail!("label {l} has no identity name ({} names)", self.identities.len());
+            bail!(
+                "label {l} has no identity name ({} names)",
+                self.identities.len()
+            );
         }
         if let Some(i) = self.data.iter().position(|v| !v.is_finite()) {
             bail!("embedding row {} has a non-finite value", i / self.dim);
@@ -385,13 +388,16 @@ impl Embeddings {
     fn from_bytes(bytes: &[u8]) -> Result<Self> {
         let (_, meta) = SafeTensors::read_metadata(bytes)
             .map_err(|e| anyhow!("not a safetensors file ({e})"))?;
-        let st = SafeTensors::deserialize(bytes)
-            .map_err(|e| anyhow!("not a safetensors file ({e})"))?;
+        let st =
+            SafeTensors::deserialize(bytes).map_err(|e| anyhow!("not a safetensors file ({e})"))?;
         let emb = st
             .tensor("embeddings")
             .map_err(|_| anyhow!("tensor `embeddings` is missing"))?;
         let [n, dim] = emb.shape() else {
-            bail!("tensor `embeddings` has shape {:?}, expected [N, dim]", emb.shape());
+            bail!(
+                "tensor `embeddings` has shape {:?}, expected [N, dim]",
+                emb.shape()
+            );
         };
         let (n, dim) = (*n, *dim);
         let mut data = float_values(&emb).context("tensor `embeddings`")?;
@@ -399,7 +405,10 @@ impl Embeddings {
             .tensor("labels")
             .map_err(|_| anyhow!("tensor `labels` is missing"))?;
         if lab.shape() != [n] {
-            bail!("tensor `labels` has shape {:?}, expected [{n}]", lab.shape());
+            bail!(
+                "tensor `labels` has shape {:?}, expected [{n}]",
+                lab.shape()
+            );
         }
         let raw = int_values(&lab).context("tensor `labels`")?;
         let meta = meta.metadata().clone().unwrap_or_default();
@@ -453,9 +462,14 @@ fn dense_labels(raw: &[i64]) -> (Vec<u32>, Vec<String>) {
 /// (within 1e-6) are kept bit for bit, so saved embeddings load unchanged.
 pub fn normalise_rows(data: &mut [f32], dim: usize) {
     for row in data.chunks_exact_mut(dim.max(1)) {
-        let norm = row.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>().sqrt();
+        let norm = row
+            .iter()
+            .map(|v| f64::from(*v) * f64::from(*v))
+            .sum::<f64>()
+            .sqrt();
         if norm > 0.0 && (norm - 1.0).abs() > 1e-6 {
-            row.iter_mut().for_each(|v| *v = (f64::from(*v) / norm) as f32);
+            row.iter_mut()
+                .for_each(|v| *v = (f64::from(*v) / norm) as f32);
         }
     }
 }
@@ -648,7 +662,10 @@ pub fn embed_images(
     let mut out = Vec::with_capacity(images.len() * model.dim());
     for batch in images.chunks(batch_size.max(1)) {
         if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
-            bail!("embedding cancelled after {} images", out.len() / model.dim());
+            bail!(
+                "embedding cancelled after {} images",
+                out.len() / model.dim()
+            );
         }
         let inputs: Vec<Vec<f32>> = batch
             .par_iter()
@@ -668,7 +685,8 @@ fn load_input(path: &Path) -> Result<Vec<f32>> {
 
 /// SHA-256 of (canonical path, mtime in ns, size, model hash, flip flag).
 fn image_key(path: &Path, model_sha: &str, flip: bool) -> Result<[u8; 32]> {
-    let meta = std::fs::metadata(path).with_context(|| format!("cannot stat {}", path.display()))?;
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot stat {}", path.display()))?;
     let mtime = meta
         .modified()
         .ok()
@@ -856,6 +874,9 @@ mod tests {
         assert_eq!(f.data, vec![0.6, 0.8, 1.0, 0.0, 0.0, 1.0]);
         std::fs::write(&p, b"junk").unwrap();
         let err = Embeddings::load(&p).unwrap_err().to_string();
-        assert!(err.contains("e.safetensors") && !err.contains('\n'), "{err}");
+        assert!(
+            err.contains("e.safetensors") && !err.contains('\n'),
+            "{err}"
+        );
     }
 }

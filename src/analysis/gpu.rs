@@ -255,7 +255,9 @@ impl GpuHistogram {
             return Ok(out);
         }
         let emb_bytes = (emb.len() * 4) as u64;
-        let cap = self.limits.max_storage_buffer_binding_size
+        let cap = self
+            .limits
+            .max_storage_buffer_binding_size
             .min(self.limits.max_buffer_size);
         if emb_bytes > cap || n > u32::MAX as usize / dim {
             bail!(
@@ -268,7 +270,10 @@ impl GpuHistogram {
             .flat_map(|a| (a..tiles).flat_map(move |b| [a, b]))
             .collect();
         if pairs.len() as u64 * 4 > cap {
-            bail!("{n} embeddings need too many tiles for {}", self.adapter_name());
+            bail!(
+                "{n} embeddings need too many tiles for {}",
+                self.adapter_name()
+            );
         }
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let storage = |label: &str, data: &[u8]| {
@@ -537,7 +542,11 @@ mod tests {
         let labels: Vec<u32> = (0..n).map(|_| rng.random_range(0..30)).collect();
         for bins in [1, 7, 100, 512] {
             let cpu = all_pairs_histogram(&emb, dim, &labels, bins).unwrap();
-            assert_eq!(gpu.histogram(&emb, dim, &labels, bins).unwrap(), cpu, "{bins} bins");
+            assert_eq!(
+                gpu.histogram(&emb, dim, &labels, bins).unwrap(),
+                cpu,
+                "{bins} bins"
+            );
         }
         // Odd widths (not a multiple of the 16-wide k chunk) and tiny sets.
         let emb3 = [1.0f32, 0.0, 0.0, 0.6, 0.8, 0.0, 0.0, 0.0, 1.0];

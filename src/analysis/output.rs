@@ -47,8 +47,12 @@ pub fn write_report_dir(report: &Report, dir: &Path) -> Result<Vec<PathBuf>> {
     put(files::METRICS, &|p| write_metrics_json(report, p))?;
     put(files::GENUINE, &|p| write_scores(p, &report.genuine))?;
     put(files::IMPOSTOR, &|p| write_scores(p, &report.impostor))?;
-    put(files::PER_IDENTITY, &|p| write_text(p, &per_identity_csv(report)))?;
-    put(files::HISTOGRAM_CSV, &|p| write_text(p, &histogram_csv(report)))?;
+    put(files::PER_IDENTITY, &|p| {
+        write_text(p, &per_identity_csv(report))
+    })?;
+    put(files::HISTOGRAM_CSV, &|p| {
+        write_text(p, &histogram_csv(report))
+    })?;
     written.extend(write_plots(report, dir)?);
     Ok(written)
 }

@@ -6,9 +6,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, Context, Result};
 use image::RgbImage;
-use tiny_skia::{
-    Color, FillRule, Paint, PathBuilder, Pixmap, Rect, Stroke, StrokeDash, Transform,
-};
+use tiny_skia::{Color, FillRule, Paint, PathBuilder, Pixmap, Rect, Stroke, StrokeDash, Transform};
 
 use super::font::{text_pixels, text_width, GLYPH_H};
 use super::histogram::PairHistogram;
@@ -287,7 +285,11 @@ pub fn histogram_png(h: &PairHistogram, eer_threshold: Option<f64>, path: &Path)
         .take_while(|&v| v <= top)
         .map(|v| (v, fmt_tick(v)))
         .collect();
-    plot.axes(&xticks, &yticks, ["SCORE DENSITY", "COSINE SIMILARITY", "DENSITY"]);
+    plot.axes(
+        &xticks,
+        &yticks,
+        ["SCORE DENSITY", "COSINE SIMILARITY", "DENSITY"],
+    );
     let edges = h.bin_edges();
     for (dens, rgb) in [(&i, IMPOSTOR), (&g, GENUINE)] {
         let mut pts = vec![plot.px(-1.0, 0.0)];
@@ -299,7 +301,10 @@ pub fn histogram_png(h: &PairHistogram, eer_threshold: Option<f64>, path: &Path)
         plot.fill(&pts, rgb, 70);
         plot.line(&pts, rgb, 2.0, false);
     }
-    let mut legend = vec![(GENUINE, "GENUINE".to_owned()), (IMPOSTOR, "IMPOSTOR".to_owned())];
+    let mut legend = vec![
+        (GENUINE, "GENUINE".to_owned()),
+        (IMPOSTOR, "IMPOSTOR".to_owned()),
+    ];
     if let Some(t) = eer_threshold {
         let (x, y0) = plot.px(t, 0.0);
         let (_, y1) = plot.px(t, top);

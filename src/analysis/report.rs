@@ -202,9 +202,11 @@ impl ReferenceSet {
     pub fn load(path: &std::path::Path, dim: usize) -> Result<Self> {
         let mut data = match Embeddings::load(path) {
             Ok(e) if e.dim == dim => e.data,
-            _ => crate::identity::Contexts::load(path, dim)
-                .map_err(|e| anyhow::anyhow!("reference embeddings: {e:#}"))?
-                .data,
+            _ => {
+                crate::identity::Contexts::load(path, dim)
+                    .map_err(|e| anyhow::anyhow!("reference embeddings: {e:#}"))?
+                    .data
+            }
         };
         super::embed::normalise_rows(&mut data, dim);
         Ok(Self { dim, data })
@@ -244,7 +246,13 @@ pub fn analyze(
     let impostor = if impostor_pairs == 0 {
         Vec::new()
     } else if impostor_sampled {
-        sampled_impostor_scores(&emb.data, dim, &emb.labels, opts.impostor_samples, opts.seed)?
+        sampled_impostor_scores(
+            &emb.data,
+            dim,
+            &emb.labels,
+            opts.impostor_samples,
+            opts.seed,
+        )?
     } else {
         all_impostor_scores(&emb.data, dim, &emb.labels)?
     };
@@ -358,22 +366,20 @@ fn groups(labels: &[u32], k: usize) -> Vec<Vec<usize>> {
 fn centroids(emb: &Embeddings, groups: &[Vec<usize>]) -> Vec<f32> {
     let dim = emb.dim;
     let mut out = vec![0.0f32; groups.len() * dim];
-    out.par_chunks_mut(dim)
-        .zip(groups)
-        .for_each(|(c, rows)| {
-            let mut acc = vec![0.0f64; dim];
-            for &i in rows {
-                acc.iter_mut()
-                    .zip(emb.row(i))
-                    .for_each(|(a, &v)| *a += f64::from(v));
-            }
-            let norm = acc.iter().map(|v| v * v).sum::<f64>().sqrt();
-            if norm > 0.0 {
-                c.iter_mut()
-                    .zip(&acc)
-                    .for_each(|(o, v)| *o = (v / norm) as f32);
-            }
-        });
+    out.par_chunks_mut(dim).zip(groups).for_each(|(c, rows)| {
+        let mut acc = vec![0.0f64; dim];
+        for &i in rows {
+            acc.iter_mut()
+                .zip(emb.row(i))
+                .for_each(|(a, &v)| *a += f64::from(v));
+        }
+        let norm = acc.iter().map(|v| v * v).sum::<f64>().sqrt();
+        if norm > 0.0 {
+            c.iter_mut()
+                .zip(&acc)
+                .for_each(|(o, v)| *o = (v / norm) as f32);
+        }
+    });
     out
 }
 
@@ -409,34 +415,32 @@ pub fn best_matches(
 ) -> Vec<Option<(usize, f32)>> {
     let (nq, nr) = (queries.len() / dim.max(1), refs.len() / dim.max(1));
     let mut out = vec![None; nq];
-    out.par_chunks_mut(BLOCK)
-        .enumerate()
-        .for_each(|(b, best)| {
-            let q0 = b * BLOCK;
-            let rows = best.len();
-            let mut scores = vec![0.0f32; rows * BLOCK];
-            for r0 in (0..nr).step_by(BLOCK) {
-                let cols = BLOCK.min(nr - r0);
-                let tile = &mut scores[..rows * cols];
-                product(
-                    &queries[q0 * dim..(q0 + rows) * dim],
-                    &refs[r0 * dim..(r0 + cols) * dim],
-                    dim,
-                    tile,
-                );
-                for (r, slot) in best.iter_mut().enumerate() {
-                    for (c, &s) in tile[r * cols..(r + 1) * cols].iter().enumerate() {
-                        let j = r0 + c;
-                        if exclude_same_index && j == q0 + r {
-                            continue;
-                        }
-                        if slot.is_none_or(|(_, m)| s > m) {
-                            *slot = Some((j, s));
-                        }
+    out.par_chunks_mut(BLOCK).enumerate().for_each(|(b, best)| {
+        let q0 = b * BLOCK;
+        let rows = best.len();
+        let mut scores = vec![0.0f32; rows * BLOCK];
+        for r0 in (0..nr).step_by(BLOCK) {
+            let cols = BLOCK.min(nr - r0);
+            let tile = &mut scores[..rows * cols];
+            product(
+                &queries[q0 * dim..(q0 + rows) * dim],
+                &refs[r0 * dim..(r0 + cols) * dim],
+                dim,
+                tile,
+            );
+            for (r, slot) in best.iter_mut().enumerate() {
+                for (c, &s) in tile[r * cols..(r + 1) * cols].iter().enumerate() {
+                    let j = r0 + c;
+                    if exclude_same_index && j == q0 + r {
+                        continue;
+                    }
+                    if slot.is_none_or(|(_, m)| s > m) {
+                        *slot = Some((j, s));
                     }
                 }
             }
-        });
+        }
+    });
     out
 }
 
@@ -490,7 +494,13 @@ mod tests {
     use rand_chacha::ChaCha20Rng;
 
     /// `ids` identities of `per` samples: a random direction plus noise, normalised.
-    pub(crate) fn clustered(ids: usize, per: usize, dim: usize, noise: f32, seed: u64) -> Embeddings {
+    pub(crate) fn clustered(
+        ids: usize,
+        per: usize,
+        dim: usize,
+        noise: f32,
+        seed: u64,
+    ) -> Embeddings {
         let mut rng = ChaCha20Rng::seed_from_u64(seed);
         let mut data = Vec::new();
         let mut labels = Vec::new();
@@ -498,7 +508,11 @@ mod tests {
         for k in 0..ids {
             let centre: Vec<f32> = (0..dim).map(|_| rng.random_range(-1.0..1.0)).collect();
             for s in 0..per {
-                data.extend(centre.iter().map(|c| c + noise * rng.random_range(-1.0f32..1.0)));
+                data.extend(
+                    centre
+                        .iter()
+                        .map(|c| c + noise * rng.random_range(-1.0f32..1.0)),
+                );
                 labels.push(k as u32);
                 files.push(format!("{k:06}/{s:04}.png"));
             }
@@ -534,7 +548,10 @@ mod tests {
             ..Default::default()
         };
         let r = analyze(&emb, Some(&reference), &opts).unwrap();
-        assert_eq!((r.images, r.identities, r.genuine_pairs, r.impostor_pairs), (5, 3, 2, 8));
+        assert_eq!(
+            (r.images, r.identities, r.genuine_pairs, r.impostor_pairs),
+            (5, 3, 2, 8)
+        );
         assert!(!r.impostor_sampled);
         let g32: Vec<f32> = r.genuine.iter().map(|&s| s as f32).collect();
         assert_eq!(g32, vec![0.6, 0.0]);
@@ -599,7 +616,10 @@ mod tests {
         }
         let own = best_matches(&a.data, &a.data, 24, true);
         assert!(own.iter().enumerate().all(|(i, m)| m.unwrap().0 != i));
-        assert_eq!(best_matches(&a.data[..24], &a.data[..24], 24, true), vec![None]);
+        assert_eq!(
+            best_matches(&a.data[..24], &a.data[..24], 24, true),
+            vec![None]
+        );
     }
 
     #[test]

@@ -22,6 +22,11 @@ fn filters(target: PickTarget) -> (&'static str, &'static [&'static str]) {
         PickTarget::Contexts => ("Context files", &["npy", "safetensors", "pkl", "pt"]),
         PickTarget::OpenSession | PickTarget::SaveSession => ("Sessions", &["json"]),
         PickTarget::ExportPng => ("PNG images", &["png"]),
+        PickTarget::DatasetEmbeddings | PickTarget::DatasetReference => {
+            ("Embeddings", &["safetensors", "npy", "pkl", "pt"])
+        }
+        PickTarget::DatasetRejects => ("Rejects / sessions", &["json"]),
+        PickTarget::DatasetSource | PickTarget::DatasetOut => ("Folders", &[]),
     }
 }
 
@@ -34,7 +39,10 @@ pub fn spawn_pick(target: PickTarget, start: Option<PathBuf>, events: EventSende
     }
     std::thread::spawn(move || {
         let (name, exts) = filters(target);
-        let mut dialog = rfd::FileDialog::new().add_filter(name, exts);
+        let mut dialog = rfd::FileDialog::new();
+        if !exts.is_empty() {
+            dialog = dialog.add_filter(name, exts);
+        }
         if let Some(dir) = start
             .as_ref()
             .and_then(|p| p.parent())
@@ -43,7 +51,10 @@ pub fn spawn_pick(target: PickTarget, start: Option<PathBuf>, events: EventSende
             dialog = dialog.set_directory(dir);
         }
         let path = match target {
-            PickTarget::SaveSession | PickTarget::ExportPng => dialog.save_file(),
+            PickTarget::DatasetSource => dialog.pick_folder(),
+            PickTarget::SaveSession | PickTarget::ExportPng | PickTarget::DatasetOut => {
+                dialog.save_file()
+            }
             _ => dialog.pick_file(),
         };
         events.send(Event::FilePicked { target, path });

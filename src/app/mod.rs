@@ -158,6 +158,7 @@ impl StudioApp {
             .show(ui, |ui| match self.state.tab {
                 Tab::Generate => views::generate_tab::show(ui, &mut self.state, &mut cx),
                 Tab::Analyze => views::analyze_tab::show(ui, &mut self.state, &mut cx),
+                Tab::Export => views::export_tab::show(ui, &mut self.state, &mut cx),
                 other => views::placeholder(ui, other),
             });
         self.thumb_size = cx.thumb_size;

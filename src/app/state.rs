@@ -141,6 +141,8 @@ pub struct AppState {
     pub exporting: bool,
     /// The Analyze tab's settings and result.
     pub analyze: super::views::analyze_tab::AnalyzeState,
+    /// The Export tab's rules, preview and export progress.
+    pub export_tab: super::views::export_tab::ExportTabState,
     next_job: u64,
 }
 
@@ -172,6 +174,7 @@ impl Default for AppState {
             contexts_loading: false,
             exporting: false,
             analyze: Default::default(),
+            export_tab: Default::default(),
             next_job: 1,
         }
     }
@@ -490,6 +493,9 @@ impl AppState {
             e @ (Event::AnalysisProgress { .. } | Event::AnalysisFinished { .. }) => {
                 self.analyze.apply(e);
             }
+            e @ (Event::CurationPreview { .. }
+            | Event::DatasetExportProgress { .. }
+            | Event::DatasetExportFinished { .. }) => self.export_tab.apply(e),
             Event::ModelLoaded(info) => {
                 self.busy = Busy::Idle;
                 self.model_error = None;
@@ -595,6 +601,11 @@ impl AppState {
             PickTarget::FrModel => self.model.fr_model = text,
             PickTarget::Contexts => self.identity_form.file = text,
             PickTarget::ExportPng => self.export_path = text,
+            t @ (PickTarget::DatasetSource
+            | PickTarget::DatasetEmbeddings
+            | PickTarget::DatasetRejects
+            | PickTarget::DatasetReference
+            | PickTarget::DatasetOut) => self.export_tab.fill_path(t, path),
             PickTarget::OpenSession => {
                 self.session_path = text;
                 self.open_session();

@@ -67,6 +67,19 @@ pub struct ExportMeasurement {
     pub seconds: f64,
     /// Images per second.
     pub images_per_s: f64,
+    /// Process CPU seconds per wall second during the fastest run (Linux; shows whether
+    /// the threads really ran in parallel on a shared machine).
+    pub cpu_utilisation: Option<f64>,
+}
+
+/// User + system CPU seconds of this process (Linux `/proc/self/stat`, 100 Hz ticks).
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let after_name = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
 }
 
 /// Runs the benchmark and prints a table.
@@ -110,8 +123,8 @@ pub fn run(a: &BenchExportArgs) -> Result<Vec<ExportMeasurement>> {
     ];
     let mut results = Vec::new();
     println!(
-        "{:<12} {:<5} {:>7} {:>8} {:>10}",
-        "format", "enc", "threads", "seconds", "images/s"
+        "{:<12} {:<5} {:>7} {:>8} {:>10} {:>6}",
+        "format", "enc", "threads", "seconds", "images/s", "cpu"
     );
     for &format in &a.formats {
         for encoding in encodings {
@@ -126,8 +139,9 @@ pub fn run(a: &BenchExportArgs) -> Result<Vec<ExportMeasurement>> {
                     encoding,
                     rules: CurationRules::default(),
                 };
-                let mut best: Option<ExportSummary> = None;
+                let mut best: Option<(ExportSummary, Option<f64>)> = None;
                 for _ in 0..a.repeats.max(1) {
+                    let cpu0 = cpu_seconds();
                     let outcome = pool.install(|| {
                         export(
                             &source,
@@ -142,11 +156,14 @@ pub fn run(a: &BenchExportArgs) -> Result<Vec<ExportMeasurement>> {
                     let ExportOutcome::Complete(s) = outcome else {
                         bail!("benchmark export was cancelled");
                     };
-                    if best.as_ref().is_none_or(|b| s.seconds < b.seconds) {
-                        best = Some(s);
+                    let cpu = cpu0
+                        .zip(cpu_seconds())
+                        .map(|(a, b)| (b - a) / s.seconds.max(1e-9));
+                    if best.as_ref().is_none_or(|b| s.seconds < b.0.seconds) {
+                        best = Some((s, cpu));
                     }
                 }
-                let Some(s) = best else {
+                let Some((s, cpu)) = best else {
                     bail!("no benchmark run");
                 };
                 let m = ExportMeasurement {
@@ -159,10 +176,12 @@ pub fn run(a: &BenchExportArgs) -> Result<Vec<ExportMeasurement>> {
                     images: s.images,
                     seconds: s.seconds,
                     images_per_s: s.images_per_s,
+                    cpu_utilisation: cpu,
                 };
+                let cpu = m.cpu_utilisation.map_or("–".into(), |c| format!("{c:.2}"));
                 println!(
-                    "{:<12} {:<5} {:>7} {:>8.2} {:>10.0}",
-                    m.format, m.encoding, m.threads, m.seconds, m.images_per_s
+                    "{:<12} {:<5} {:>7} {:>8.2} {:>10.0} {:>6}",
+                    m.format, m.encoding, m.threads, m.seconds, m.images_per_s, cpu
                 );
                 results.push(m);
             }

@@ -112,9 +112,7 @@ impl RandOp {
             Self::Identity => img.clone(),
             Self::Rotate => rotate(img, sign * 30.0 * frac),
             Self::ShearX => shear_x(img, sign * 0.3 * frac),
-            Self::TranslateX => {
-                translate_x(img, sign * 150.0 / 331.0 * img.width() as f64 * frac)
-            }
+            Self::TranslateX => translate_x(img, sign * 150.0 / 331.0 * img.width() as f64 * frac),
             Self::Brightness => brightness(img, factor),
             Self::Contrast => contrast(img, factor),
             Self::Color => color(img, factor),
@@ -203,7 +201,11 @@ pub fn translate_x(img: &RgbImage, dx: f64) -> RgbImage {
 }
 
 /// `degenerate + factor·(img − degenerate)` per channel (PIL `Image.blend`).
-fn blend_with(img: &RgbImage, factor: f64, degenerate: impl Fn(u32, u32, usize) -> f64) -> RgbImage {
+fn blend_with(
+    img: &RgbImage,
+    factor: f64,
+    degenerate: impl Fn(u32, u32, usize) -> f64,
+) -> RgbImage {
     let mut out = img.clone();
     for (x, y, p) in out.enumerate_pixels_mut() {
         for c in 0..3 {
@@ -246,14 +248,14 @@ pub fn sharpness(img: &RgbImage, factor: f64) -> RgbImage {
                     for dx in 0..3 {
                         let weight = if dx == 1 && dy == 1 { 5 } else { 1 };
                         let p = img.get_pixel(x + dx - 1, y + dy - 1);
-                        for c in 0..3 {
-                            acc[c] += weight * p.0[c] as u32;
+                        for (a, &v) in acc.iter_mut().zip(&p.0) {
+                            *a += weight * v as u32;
                         }
                     }
                 }
                 let p = smooth.get_pixel_mut(x, y);
-                for c in 0..3 {
-                    p.0[c] = ((acc[c] as f64) / 13.0).round() as u8;
+                for (v, &a) in p.0.iter_mut().zip(&acc) {
+                    *v = ((a as f64) / 13.0).round() as u8;
                 }
             }
         }
@@ -401,7 +403,10 @@ mod tests {
         assert_eq!(a.get_pixel(1, 0).0[0], 255);
         assert_eq!(a.get_pixel(0, 0).0[1], 7, "a flat channel is kept");
         // Flat image: sharpness does nothing.
-        assert_eq!(sharpness(&RgbImage::from_pixel(4, 4, Rgb([9, 9, 9])), 1.9), RgbImage::from_pixel(4, 4, Rgb([9, 9, 9])));
+        assert_eq!(
+            sharpness(&RgbImage::from_pixel(4, 4, Rgb([9, 9, 9])), 1.9),
+            RgbImage::from_pixel(4, 4, Rgb([9, 9, 9]))
+        );
     }
 
     #[test]
@@ -437,6 +442,11 @@ mod tests {
                 assert_eq!(op.apply(&img, m, true).dimensions(), (12, 12));
             }
         }
-        assert!(AugmentConfig { magnitude: 31, ..cfg }.validate().is_err());
+        assert!(AugmentConfig {
+            magnitude: 31,
+            ..cfg
+        }
+        .validate()
+        .is_err());
     }
 }

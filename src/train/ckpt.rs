@@ -100,7 +100,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 fn to_cpu_f32(t: &Tensor) -> Result<Tensor> {
-    Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?)
+    Ok(t.to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .contiguous()?)
 }
 
 fn serialize(tensors: &BTreeMap<String, Tensor>, meta: HashMap<String, String>) -> Result<Vec<u8>> {
@@ -112,7 +114,10 @@ fn serialize(tensors: &BTreeMap<String, Tensor>, meta: HashMap<String, String>) 
 
 /// The backbone state dict (arcface_torch names, `num_batches_tracked` = `steps`).
 pub fn backbone_tensors(vars: &VarMap, steps: usize) -> Result<BTreeMap<String, Tensor>> {
-    let data = vars.data().lock().map_err(|_| anyhow!("variable map lock poisoned"))?;
+    let data = vars
+        .data()
+        .lock()
+        .map_err(|_| anyhow!("variable map lock poisoned"))?;
     let mut out = BTreeMap::new();
     for (name, var) in data.iter() {
         out.insert(name.clone(), to_cpu_f32(var.as_tensor())?);
@@ -160,13 +165,15 @@ pub fn save_checkpoint(
     let dir = root.join(&name);
     let tmp = root.join(format!(".{name}.tmp"));
     if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot remove {}", tmp.display()))?;
+        std::fs::remove_dir_all(&tmp)
+            .with_context(|| format!("cannot remove {}", tmp.display()))?;
     }
     std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     write_atomic(&tmp.join("backbone.safetensors"), backbone)?;
     write_atomic(&tmp.join("state.safetensors"), state_file)?;
     if dir.exists() {
-        std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("cannot remove {}", dir.display()))?;
     }
     std::fs::rename(&tmp, &dir)
         .with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))?;
@@ -223,29 +230,41 @@ pub fn load_latest(out: &Path) -> Result<Option<LoadedCheckpoint>> {
     }
     let text = std::fs::read_to_string(&pointer_path)
         .with_context(|| format!("cannot read {}", pointer_path.display()))?;
-    let pointer: LatestPointer = serde_json::from_str(&text)
-        .map_err(|e| anyhow!("{}: invalid checkpoint pointer: {e}", pointer_path.display()))?;
+    let pointer: LatestPointer = serde_json::from_str(&text).map_err(|e| {
+        anyhow!(
+            "{}: invalid checkpoint pointer: {e}",
+            pointer_path.display()
+        )
+    })?;
     let dir = out.join(&pointer.dir);
     let backbone_path = dir.join("backbone.safetensors");
     let backbone = candle_core::safetensors::load(&backbone_path, &Device::Cpu)
         .with_context(|| format!("cannot read {}", backbone_path.display()))?;
     let state_path = dir.join("state.safetensors");
-    let bytes =
-        std::fs::read(&state_path).with_context(|| format!("cannot read {}", state_path.display()))?;
+    let bytes = std::fs::read(&state_path)
+        .with_context(|| format!("cannot read {}", state_path.display()))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
         .map_err(|e| anyhow!("{}: not a safetensors file: {e}", state_path.display()))?;
     let state_json = meta
         .metadata()
         .as_ref()
         .and_then(|m| m.get(STATE_KEY))
-        .ok_or_else(|| anyhow!("{}: metadata key `{STATE_KEY}` is missing", state_path.display()))?;
+        .ok_or_else(|| {
+            anyhow!(
+                "{}: metadata key `{STATE_KEY}` is missing",
+                state_path.display()
+            )
+        })?;
     let state: TrainState = serde_json::from_str(state_json)
         .map_err(|e| anyhow!("{}: invalid `{STATE_KEY}`: {e}", state_path.display()))?;
     let mut tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
         .with_context(|| format!("cannot read {}", state_path.display()))?;
-    let head = tensors
-        .remove(HEAD_WEIGHT)
-        .ok_or_else(|| anyhow!("{}: tensor `{HEAD_WEIGHT}` is missing", state_path.display()))?;
+    let head = tensors.remove(HEAD_WEIGHT).ok_or_else(|| {
+        anyhow!(
+            "{}: tensor `{HEAD_WEIGHT}` is missing",
+            state_path.display()
+        )
+    })?;
     let mut momentum = BTreeMap::new();
     for (k, v) in tensors {
         match k.strip_prefix(MOMENTUM_PREFIX) {
@@ -267,7 +286,10 @@ pub fn load_latest(out: &Path) -> Result<Option<LoadedCheckpoint>> {
 /// Copies `tensors` into the variables of `vars` (every variable must be present with its
 /// shape; extra keys such as `num_batches_tracked` are ignored).
 pub fn restore_vars(vars: &VarMap, tensors: &HashMap<String, Tensor>, what: &str) -> Result<()> {
-    let data = vars.data().lock().map_err(|_| anyhow!("variable map lock poisoned"))?;
+    let data = vars
+        .data()
+        .lock()
+        .map_err(|_| anyhow!("variable map lock poisoned"))?;
     for (name, var) in data.iter() {
         let t = tensors
             .get(name)
@@ -286,7 +308,10 @@ pub fn restore_vars(vars: &VarMap, tensors: &HashMap<String, Tensor>, what: &str
 
 /// Names of the trainable variables of a backbone map, sorted (running statistics excluded).
 pub fn trainable_names(vars: &VarMap) -> Result<Vec<String>> {
-    let data = vars.data().lock().map_err(|_| anyhow!("variable map lock poisoned"))?;
+    let data = vars
+        .data()
+        .lock()
+        .map_err(|_| anyhow!("variable map lock poisoned"))?;
     let mut names: Vec<String> = data
         .keys()
         .filter(|n| !is_running_stat(n))
@@ -294,4 +319,87 @@ pub fn trainable_names(vars: &VarMap) -> Result<Vec<String>> {
         .collect();
     names.sort();
     Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::iresnet::{IResNet, IResNetConfig};
+    use crate::train::config::{BackboneSpec, TrainConfig};
+    use crate::train::loader::Batch;
+    use crate::train::trainer::Trainer;
+
+    /// A standard-width checkpoint written after a training step loads with `IResNet::load`
+    /// and gives the trainer's inference embeddings; the state file round-trips.
+    #[test]
+    fn checkpoint_loads_with_iresnet_and_round_trips_state() {
+        let dev = Device::Cpu;
+        let mut cfg = TrainConfig::new("unused", "unused");
+        cfg.backbone = BackboneSpec::parse("1,1,1,1", 8, 0.0).unwrap();
+        cfg.batch_size = 2;
+        let mut trainer = Trainer::new(&cfg, 3, 4, &dev).unwrap();
+        let pixels = Tensor::randn(0f32, 0.5, 2 * 3 * 112 * 112, &dev).unwrap();
+        let batch = Batch {
+            index: 0,
+            pixels: pixels.to_vec1().unwrap(),
+            labels: vec![0, 2],
+        };
+        trainer.step(&batch).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ck = save_checkpoint(
+            dir.path(),
+            &trainer.backbone_file().unwrap(),
+            &trainer.state_file().unwrap(),
+            &trainer.state,
+            2,
+        )
+        .unwrap();
+        let path = ck.join("backbone.safetensors");
+        let names = candle_core::safetensors::load(&path, &dev).unwrap();
+        assert_eq!(names["bn1.num_batches_tracked"].dtype(), DType::I64);
+        assert!(names.contains_key("layer1.0.downsample.1.running_var"));
+        let icfg = IResNetConfig {
+            layers: vec![1, 1, 1, 1],
+            num_features: 8,
+            ..IResNetConfig::iresnet18()
+        };
+        let model = IResNet::load(&path, &icfg, &dev).unwrap();
+        let x = batch.tensor(112, &dev).unwrap();
+        let a = model.forward(&x).unwrap();
+        let b = trainer.net().forward_t(&x, false).unwrap();
+        let diff: f32 = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(diff < 1e-4, "{diff}");
+
+        let loaded = load_latest(dir.path()).unwrap().unwrap();
+        assert_eq!(loaded.state, trainer.state);
+        assert_eq!(loaded.momentum.len(), trainer.trainable().len());
+        let mut other = Trainer::new(&cfg, 3, 4, &dev).unwrap();
+        other.restore(loaded).unwrap();
+        let c = other.net().forward_t(&x, false).unwrap();
+        let b = trainer.net().forward_t(&x, false).unwrap();
+        let diff: f32 = (c - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert_eq!(diff, 0.0);
+        // A head for another number of identities is refused with a one-line error.
+        let mut wrong = Trainer::new(&cfg, 5, 4, &dev).unwrap();
+        let err = wrong
+            .restore(load_latest(dir.path()).unwrap().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("3 identities") && !err.contains('\n'), "{err}");
+        assert!(load_latest(&dir.path().join("none")).unwrap().is_none());
+    }
 }

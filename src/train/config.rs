@@ -200,13 +200,19 @@ impl TrainConfig {
             bail!("epochs must be at least 1");
         }
         if self.batch_size < 2 {
-            bail!("batch size must be at least 2 (BatchNorm), got {}", self.batch_size);
+            bail!(
+                "batch size must be at least 2 (BatchNorm), got {}",
+                self.batch_size
+            );
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             bail!("learning rate must be positive, got {}", self.lr);
         }
         if !(self.warmup_epochs >= 0.0 && self.warmup_epochs.is_finite()) {
-            bail!("warm-up epochs must be non-negative, got {}", self.warmup_epochs);
+            bail!(
+                "warm-up epochs must be non-negative, got {}",
+                self.warmup_epochs
+            );
         }
         if self.keep_checkpoints == 0 {
             bail!("keep_checkpoints must be at least 1");
@@ -221,7 +227,10 @@ mod tests {
 
     #[test]
     fn backbone_names_and_lists() {
-        assert_eq!(BackboneSpec::parse("iresnet18", 512, 0.4).unwrap().layers, [2, 2, 2, 2]);
+        assert_eq!(
+            BackboneSpec::parse("iresnet18", 512, 0.4).unwrap().layers,
+            [2, 2, 2, 2]
+        );
         let s = BackboneSpec::parse("1, 2,1,1", 64, 0.0).unwrap();
         assert_eq!(s.layers, [1, 2, 1, 1]);
         assert_eq!(s.iresnet().num_features, 64);

@@ -12,9 +12,7 @@
 //! On other devices [`conv2d`] falls back to candle's own `conv2d` (which has a backward).
 //! Only square kernels, no dilation, no groups, F32.
 
-use candle_core::{
-    CpuStorage, CustomOp2, DType, Error, Layout, Result, Shape, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp2, DType, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Geometry of one convolution.
@@ -39,7 +37,14 @@ impl Geom {
                 "conv2d: input {x:?} and weight {wt:?} must both be 4-d"
             )));
         };
-        if wcin != cin || k != k2 || stride == 0 || h + 2 * pad < k || w + 2 * pad < k {
+        if wcin != cin
+            || k != k2
+            || stride == 0
+            || h == 0
+            || w == 0
+            || h + 2 * pad < k
+            || w + 2 * pad < k
+        {
             return Err(Error::Msg(format!(
                 "conv2d: input {x:?} does not fit weight {wt:?} (stride {stride}, padding {pad})"
             )));
@@ -79,29 +84,56 @@ impl Geom {
         self.k == 1 && self.stride == 1 && self.pad == 0
     }
 
-    /// Source row/column of output position `o` at kernel offset `kk`, if inside.
+    /// Source row of output row `o` at kernel offset `kk`, if inside the input.
     #[inline]
     fn src(&self, o: usize, kk: usize, limit: usize) -> Option<usize> {
-        (o * self.stride + kk).checked_sub(self.pad).filter(|&i| i < limit)
+        (o * self.stride + kk)
+            .checked_sub(self.pad)
+            .filter(|&i| i < limit)
+    }
+
+    /// Output columns `lo..hi` whose source column `ox·s + kx − p` lies inside the input.
+    #[inline]
+    fn valid_cols(&self, kx: usize) -> (usize, usize) {
+        let s = self.stride;
+        // ox·s + kx ≥ p  ⇔  ox ≥ ceil((p − kx) / s).
+        let lo = self.pad.saturating_sub(kx).div_ceil(s).min(self.wo);
+        // ox·s + kx − p ≤ w − 1  ⇔  ox ≤ (w − 1 + p − kx) / s.
+        let hi = match (self.w - 1 + self.pad).checked_sub(kx) {
+            Some(v) => (v / s + 1).min(self.wo),
+            None => 0,
+        };
+        (lo, hi.max(lo))
     }
 
     /// `cols[(c·k + ky)·k + kx][oy·wo + ox] = x[c][oy·s + ky − p][ox·s + kx − p]` (0 outside).
     fn im2col(&self, x: &[f32], cols: &mut [f32]) {
-        let (k, p) = (self.k, self.pixels());
+        let (k, p, s) = (self.k, self.pixels(), self.stride);
         for c in 0..self.cin {
             let plane = &x[c * self.h * self.w..(c + 1) * self.h * self.w];
             for ky in 0..k {
                 for kx in 0..k {
                     let row = &mut cols[((c * k + ky) * k + kx) * p..][..p];
+                    let (lo, hi) = self.valid_cols(kx);
                     for oy in 0..self.ho {
                         let out = &mut row[oy * self.wo..(oy + 1) * self.wo];
                         let Some(iy) = self.src(oy, ky, self.h) else {
                             out.fill(0.0);
                             continue;
                         };
-                        let src = &plane[iy * self.w..(iy + 1) * self.w];
-                        for (ox, v) in out.iter_mut().enumerate() {
-                            *v = self.src(ox, kx, self.w).map_or(0.0, |ix| src[ix]);
+                        out[..lo].fill(0.0);
+                        out[hi..].fill(0.0);
+                        if lo < hi {
+                            let start = iy * self.w + lo * s + kx - self.pad;
+                            if s == 1 {
+                                out[lo..hi].copy_from_slice(&plane[start..start + (hi - lo)]);
+                            } else {
+                                for (v, src) in
+                                    out[lo..hi].iter_mut().zip(plane[start..].iter().step_by(s))
+                                {
+                                    *v = *src;
+                                }
+                            }
                         }
                     }
                 }
@@ -111,20 +143,29 @@ impl Geom {
 
     /// Adjoint of [`Geom::im2col`]: accumulates `cols` into `dx` (which must start at zero).
     fn col2im(&self, cols: &[f32], dx: &mut [f32]) {
-        let (k, p) = (self.k, self.pixels());
+        let (k, p, s) = (self.k, self.pixels(), self.stride);
         for c in 0..self.cin {
             let plane = &mut dx[c * self.h * self.w..(c + 1) * self.h * self.w];
             for ky in 0..k {
                 for kx in 0..k {
                     let row = &cols[((c * k + ky) * k + kx) * p..][..p];
+                    let (lo, hi) = self.valid_cols(kx);
+                    if lo >= hi {
+                        continue;
+                    }
                     for oy in 0..self.ho {
                         let Some(iy) = self.src(oy, ky, self.h) else {
                             continue;
                         };
-                        let dst = &mut plane[iy * self.w..(iy + 1) * self.w];
-                        for (ox, v) in row[oy * self.wo..(oy + 1) * self.wo].iter().enumerate() {
-                            if let Some(ix) = self.src(ox, kx, self.w) {
-                                dst[ix] += v;
+                        let src = &row[oy * self.wo + lo..oy * self.wo + hi];
+                        let start = iy * self.w + lo * s + kx - self.pad;
+                        if s == 1 {
+                            for (d, v) in plane[start..start + (hi - lo)].iter_mut().zip(src) {
+                                *d += v;
+                            }
+                        } else {
+                            for (d, v) in plane[start..].iter_mut().step_by(s).zip(src) {
+                                *d += v;
                             }
                         }
                     }
@@ -180,6 +221,26 @@ fn matmul(
     }
 }
 
+thread_local! {
+    /// Per-thread im2col buffer, kept between calls so large columns are not re-mapped
+    /// (and page-faulted) for every image.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's scratch buffer resized to `len` values (contents unspecified).
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, 0.0);
+            }
+            f(&mut buf[..len])
+        }
+        // Re-entered on the same thread (not expected): use a fresh buffer.
+        Err(_) => f(&mut vec![0.0; len]),
+    })
+}
+
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
         return Err(Error::Msg(format!("conv2d: {what} must be F32")));
@@ -214,15 +275,30 @@ impl CustomOp2 for Conv2dOp {
         let mut y = vec![0f32; g.b * g.out_len()];
         y.par_chunks_mut(g.out_len().max(1))
             .zip(x.par_chunks(g.in_len().max(1)))
-            .for_each_init(Vec::new, |cols, (y_b, x_b)| {
-                let cols_b: &[f32] = if g.trivial_cols() {
-                    x_b
-                } else {
-                    cols.resize(g.ckk() * g.pixels(), 0.0);
-                    g.im2col(x_b, cols);
-                    cols
+            .for_each(|(y_b, x_b)| {
+                let mut product = |cols: &[f32]| {
+                    matmul(
+                        g.cout,
+                        g.pixels(),
+                        g.ckk(),
+                        y_b,
+                        false,
+                        w,
+                        g.ckk(),
+                        1,
+                        cols,
+                        g.pixels(),
+                        1,
+                    )
                 };
-                matmul(g.cout, g.pixels(), g.ckk(), y_b, false, w, g.ckk(), 1, cols_b, g.pixels(), 1);
+                if g.trivial_cols() {
+                    product(x_b);
+                } else {
+                    with_scratch(g.ckk() * g.pixels(), |cols| {
+                        g.im2col(x_b, cols);
+                        product(cols);
+                    });
+                }
             });
         Ok((CpuStorage::F32(y), Shape::from((g.b, g.cout, g.ho, g.wo))))
     }
@@ -294,14 +370,39 @@ impl CustomOp2 for GradInputOp {
         let mut dx = vec![0f32; b * g.in_len()];
         dx.par_chunks_mut(g.in_len().max(1))
             .zip(gr.par_chunks(g.out_len().max(1)))
-            .for_each_init(Vec::new, |cols, (dx_b, g_b)| {
+            .for_each(|(dx_b, g_b)| {
                 if g.trivial_cols() {
                     // dx_b = Wᵀ · g_b directly.
-                    matmul(g.cin, g.pixels(), g.cout, dx_b, false, w, 1, g.ckk(), g_b, g.pixels(), 1);
+                    matmul(
+                        g.cin,
+                        g.pixels(),
+                        g.cout,
+                        dx_b,
+                        false,
+                        w,
+                        1,
+                        g.ckk(),
+                        g_b,
+                        g.pixels(),
+                        1,
+                    );
                 } else {
-                    cols.resize(g.ckk() * g.pixels(), 0.0);
-                    matmul(g.ckk(), g.pixels(), g.cout, cols, false, w, 1, g.ckk(), g_b, g.pixels(), 1);
-                    g.col2im(cols, dx_b);
+                    with_scratch(g.ckk() * g.pixels(), |cols| {
+                        matmul(
+                            g.ckk(),
+                            g.pixels(),
+                            g.cout,
+                            cols,
+                            false,
+                            w,
+                            1,
+                            g.ckk(),
+                            g_b,
+                            g.pixels(),
+                            1,
+                        );
+                        g.col2im(cols, dx_b);
+                    });
                 }
             });
         Ok((CpuStorage::F32(dx), Shape::from((b, g.cin, g.h, g.w))))
@@ -331,7 +432,9 @@ impl CustomOp2 for GradWeightOp {
         let xd = l1.dims();
         let gd = l2.dims();
         if xd.len() != 4 || gd.len() != 4 {
-            return Err(Error::Msg("conv2d grad: input and gradient must be 4-d".into()));
+            return Err(Error::Msg(
+                "conv2d grad: input and gradient must be 4-d".into(),
+            ));
         }
         let wdims = [gd[1], xd[1], self.k, self.k];
         let g = Geom::new(xd, &wdims, self.stride, self.pad)?;
@@ -346,21 +449,35 @@ impl CustomOp2 for GradWeightOp {
             .par_chunks(g.in_len().max(1))
             .zip(gr.par_chunks(g.out_len().max(1)))
             .fold(
-                || (vec![0f32; wlen], Vec::new()),
-                |(mut acc, mut cols), (x_b, g_b)| {
-                    let cols_b: &[f32] = if g.trivial_cols() {
-                        x_b
-                    } else {
-                        cols.resize(g.ckk() * g.pixels(), 0.0);
-                        g.im2col(x_b, &mut cols);
-                        &cols
-                    };
+                || vec![0f32; wlen],
+                |mut acc, (x_b, g_b)| {
                     // acc (Cout × CKK) += g_b (Cout × P) · cols_bᵀ (P × CKK).
-                    matmul(g.cout, g.ckk(), g.pixels(), &mut acc, true, g_b, g.pixels(), 1, cols_b, 1, g.pixels());
-                    (acc, cols)
+                    let mut product = |cols: &[f32]| {
+                        matmul(
+                            g.cout,
+                            g.ckk(),
+                            g.pixels(),
+                            &mut acc,
+                            true,
+                            g_b,
+                            g.pixels(),
+                            1,
+                            cols,
+                            1,
+                            g.pixels(),
+                        )
+                    };
+                    if g.trivial_cols() {
+                        product(x_b);
+                    } else {
+                        with_scratch(g.ckk() * g.pixels(), |cols| {
+                            g.im2col(x_b, cols);
+                            product(cols);
+                        });
+                    }
+                    acc
                 },
             )
-            .map(|(acc, _)| acc)
             .reduce(
                 || vec![0f32; wlen],
                 |mut a, b| {
@@ -378,8 +495,13 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<T
     if !x.device().is_cpu() || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
         return x.conv2d(w, padding, stride, 1, 1);
     }
-    x.contiguous()?
-        .apply_op2(&w.contiguous()?, Conv2dOp { stride, pad: padding })
+    x.contiguous()?.apply_op2(
+        &w.contiguous()?,
+        Conv2dOp {
+            stride,
+            pad: padding,
+        },
+    )
 }
 
 #[cfg(test)]
@@ -388,7 +510,16 @@ mod tests {
     use candle_core::{Device, Var};
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
     }
 
     #[test]
@@ -408,17 +539,40 @@ mod tests {
             assert!(max_diff(&conv2d(&xr, &wr, stride, pad).unwrap(), &want) < 1e-4);
             let x0 = Tensor::randn(0f32, 1., (3, cin, h, h), &dev).unwrap();
             let w0 = Tensor::randn(0f32, 1., (cout, cin, k, k), &dev).unwrap();
-            let (x, w) = (Var::from_tensor(&x0).unwrap(), Var::from_tensor(&w0).unwrap());
-            let want = x.as_tensor().conv2d(w.as_tensor(), pad, stride, 1, 1).unwrap();
+            let (x, w) = (
+                Var::from_tensor(&x0).unwrap(),
+                Var::from_tensor(&w0).unwrap(),
+            );
+            let want = x
+                .as_tensor()
+                .conv2d(w.as_tensor(), pad, stride, 1, 1)
+                .unwrap();
             let got = conv2d(x.as_tensor(), w.as_tensor(), stride, pad).unwrap();
             assert_eq!(got.dims(), want.dims());
             assert!(max_diff(&got, &want) < 1e-4);
             let probe = Tensor::randn(0f32, 1., want.dims(), &dev).unwrap();
-            let gw = (want * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            let gg = (got * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let gw = (want * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gg = (got * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
             for v in [&x, &w] {
-                let (a, b) = (gw.get(v.as_tensor()).unwrap(), gg.get(v.as_tensor()).unwrap());
-                assert!(max_diff(a, b) < 1e-3, "k{k} s{stride} p{pad}: {}", max_diff(a, b));
+                let (a, b) = (
+                    gw.get(v.as_tensor()).unwrap(),
+                    gg.get(v.as_tensor()).unwrap(),
+                );
+                assert!(
+                    max_diff(a, b) < 1e-3,
+                    "k{k} s{stride} p{pad}: {}",
+                    max_diff(a, b)
+                );
             }
         }
     }

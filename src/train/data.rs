@@ -82,7 +82,12 @@ impl ImageFolder {
                 continue;
             }
             let label = classes.len() as u32;
-            classes.push(dir.file_name().unwrap_or_default().to_string_lossy().into_owned());
+            classes.push(
+                dir.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned(),
+            );
             items.extend(images.into_iter().map(|p| (p, label)));
         }
         if items.is_empty() {
@@ -119,7 +124,8 @@ impl ImageSource for ImageFolder {
             .items
             .get(i)
             .ok_or_else(|| anyhow!("image index {i} out of range"))?;
-        let img = image::open(path).map_err(|e| anyhow!("cannot decode {}: {e}", path.display()))?;
+        let img =
+            image::open(path).map_err(|e| anyhow!("cannot decode {}: {e}", path.display()))?;
         Ok(img.to_rgb8())
     }
     fn describe(&self) -> String {
@@ -186,6 +192,75 @@ impl ImageSource for RecordSource {
             "RecordIO {}: {} images of {} identities",
             self.path.display(),
             self.labels.len(),
+            self.num_classes
+        )
+    }
+}
+
+/// Decoded images held in memory with their labels.
+#[derive(Debug, Clone)]
+pub struct InMemorySource {
+    images: Vec<RgbImage>,
+    labels: Vec<u32>,
+    num_classes: usize,
+    name: String,
+}
+
+impl InMemorySource {
+    /// Wraps `images` and their `labels` (`0..num_classes`, every class used or not).
+    pub fn new(name: impl Into<String>, images: Vec<RgbImage>, labels: Vec<u32>) -> Result<Self> {
+        if images.len() != labels.len() {
+            bail!("{} images but {} labels", images.len(), labels.len());
+        }
+        if images.is_empty() {
+            bail!("no images");
+        }
+        let num_classes = labels.iter().max().map_or(0, |&m| m as usize + 1);
+        Ok(Self {
+            images,
+            labels,
+            num_classes,
+            name: name.into(),
+        })
+    }
+
+    /// Renders every image of `source` once (in parallel) into memory.
+    pub fn cache(source: &dyn ImageSource) -> Result<Self> {
+        use rayon::prelude::*;
+        let images = (0..source.len())
+            .into_par_iter()
+            .map(|i| source.image(i))
+            .collect::<Result<Vec<_>>>()?;
+        let labels = (0..source.len()).map(|i| source.label(i)).collect();
+        let mut cached = Self::new(source.describe(), images, labels)?;
+        cached.num_classes = source.num_classes();
+        Ok(cached)
+    }
+}
+
+impl ImageSource for InMemorySource {
+    fn len(&self) -> usize {
+        self.images.len()
+    }
+    fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+    fn label(&self, i: usize) -> u32 {
+        self.labels[i]
+    }
+    fn image(&self, i: usize) -> Result<RgbImage> {
+        self.images.get(i).cloned().ok_or_else(|| {
+            anyhow!(
+                "image index {i} out of range ({} images)",
+                self.images.len()
+            )
+        })
+    }
+    fn describe(&self) -> String {
+        format!(
+            "{} (in memory: {} images, {} identities)",
+            self.name,
+            self.images.len(),
             self.num_classes
         )
     }

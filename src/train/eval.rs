@@ -3,13 +3,13 @@
 //! (10 folds, squared L2 distance).
 
 use super::loader::images_to_tensor;
+use super::net::TrainNet;
 use crate::analysis::verification::{verify, VerificationResult};
 use crate::dataset::verification_bin::VerificationPairs;
-use super::net::TrainNet;
 use crate::models::iresnet::{normalise, IResNet};
-use candle_core::Tensor;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::Device;
+use candle_core::Tensor;
 use image::RgbImage;
 use std::path::Path;
 

@@ -47,19 +47,18 @@ fn bcs(dims: &[usize]) -> Result<(usize, usize, usize)> {
     }
 }
 
-/// Per-channel `Σ f(c, x)` over samples and positions, in f64, parallel over channels.
-fn channel_sums((b, c, s): (usize, usize, usize), f: impl Fn(usize, usize) -> f64 + Sync) -> Vec<f64> {
+/// Per-channel sums `Σ_n f(c, n·C·S + c·S .. + S)` in f64, parallel over channels; `f`
+/// sums one contiguous run of `S` values of channel `c`.
+fn channel_sums(
+    (b, c, s): (usize, usize, usize),
+    f: impl Fn(usize, std::ops::Range<usize>) -> f64 + Sync,
+) -> Vec<f64> {
     (0..c)
         .into_par_iter()
         .map(|ch| {
-            let mut acc = 0f64;
-            for n in 0..b {
-                let base = (n * c + ch) * s;
-                for i in base..base + s {
-                    acc += f(ch, i);
-                }
-            }
-            acc
+            (0..b)
+                .map(|n| f(ch, (n * c + ch) * s..(n * c + ch + 1) * s))
+                .sum()
         })
         .collect()
 }
@@ -67,13 +66,18 @@ fn channel_sums((b, c, s): (usize, usize, usize), f: impl Fn(usize, usize) -> f6
 /// Batch mean and biased variance per channel, and `1/√(σ² + ε)`.
 fn batch_stats(x: &[f32], dims: (usize, usize, usize), eps: f64) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let count = (dims.0 * dims.2).max(1) as f64;
-    let mean: Vec<f64> = channel_sums(dims, |_, i| x[i] as f64)
+    let mean: Vec<f64> = channel_sums(dims, |_, r| x[r].iter().map(|&v| v as f64).sum::<f64>())
         .into_iter()
         .map(|v| v / count)
         .collect();
-    let var: Vec<f64> = channel_sums(dims, |ch, i| {
-        let d = x[i] as f64 - mean[ch];
-        d * d
+    let var: Vec<f64> = channel_sums(dims, |ch, r| {
+        let m = mean[ch];
+        x[r].iter()
+            .map(|&v| {
+                let d = v as f64 - m;
+                d * d
+            })
+            .sum::<f64>()
     })
     .into_iter()
     .map(|v| v / count)
@@ -104,12 +108,22 @@ impl CustomOp3 for BnOp {
     ) -> Result<(CpuStorage, Shape)> {
         let dims = bcs(l1.dims())?;
         let (_, c, s) = dims;
-        let (x, g, bta) = (slice(s1, l1, "input")?, slice(s2, l2, "weight")?, slice(s3, l3, "bias")?);
+        let (x, g, bta) = (
+            slice(s1, l1, "input")?,
+            slice(s2, l2, "weight")?,
+            slice(s3, l3, "bias")?,
+        );
         if g.len() != c || bta.len() != c {
-            return Err(Error::Msg(format!("batch norm: {c} channels but weight/bias of {}/{}", g.len(), bta.len())));
+            return Err(Error::Msg(format!(
+                "batch norm: {c} channels but weight/bias of {}/{}",
+                g.len(),
+                bta.len()
+            )));
         }
         let (mean, var, invstd) = batch_stats(x, dims, self.eps);
-        let scale: Vec<f32> = (0..c).map(|ch| (g[ch] as f64 * invstd[ch]) as f32).collect();
+        let scale: Vec<f32> = (0..c)
+            .map(|ch| (g[ch] as f64 * invstd[ch]) as f32)
+            .collect();
         let shift: Vec<f32> = (0..c)
             .map(|ch| (bta[ch] as f64 - mean[ch] * g[ch] as f64 * invstd[ch]) as f32)
             .collect();
@@ -119,7 +133,10 @@ impl CustomOp3 for BnOp {
             .for_each(|(y_n, x_n)| {
                 for ch in 0..c {
                     let (a, b) = (scale[ch], shift[ch]);
-                    for (yv, xv) in y_n[ch * s..(ch + 1) * s].iter_mut().zip(&x_n[ch * s..(ch + 1) * s]) {
+                    for (yv, xv) in y_n[ch * s..(ch + 1) * s]
+                        .iter_mut()
+                        .zip(&x_n[ch * s..(ch + 1) * s])
+                    {
                         *yv = a * xv + b;
                     }
                 }
@@ -173,14 +190,23 @@ impl CustomOp3 for BnBwdOp {
     ) -> Result<(CpuStorage, Shape)> {
         let dims = bcs(l1.dims())?;
         let (_, c, s) = dims;
-        let (x, g, dy) = (slice(s1, l1, "input")?, slice(s2, l2, "weight")?, slice(s3, l3, "gradient")?);
+        let (x, g, dy) = (
+            slice(s1, l1, "input")?,
+            slice(s2, l2, "weight")?,
+            slice(s3, l3, "gradient")?,
+        );
         if dy.len() != x.len() || g.len() != c {
             return Err(Error::Msg("batch norm backward: shape mismatch".into()));
         }
         let (mean, _, invstd) = batch_stats(x, dims, self.eps);
-        let sum_dy = channel_sums(dims, |_, i| dy[i] as f64);
-        let sum_dy_xhat = channel_sums(dims, |ch, i| {
-            dy[i] as f64 * (x[i] as f64 - mean[ch]) * invstd[ch]
+        let sum_dy = channel_sums(dims, |_, r| dy[r].iter().map(|&v| v as f64).sum::<f64>());
+        let sum_dy_xhat = channel_sums(dims, |ch, r| {
+            let (m, is) = (mean[ch], invstd[ch]);
+            dy[r.clone()]
+                .iter()
+                .zip(&x[r])
+                .map(|(&g, &v)| g as f64 * (v as f64 - m) * is)
+                .sum::<f64>()
         });
         let count = (dims.0 * s).max(1) as f64;
         let mut out = vec![0f32; x.len() + 2 * c];
@@ -194,7 +220,11 @@ impl CustomOp3 for BnBwdOp {
                     let (m, is) = (mean[ch], invstd[ch]);
                     let (sd, sdx) = (sum_dy[ch], sum_dy_xhat[ch]);
                     let r = ch * s..(ch + 1) * s;
-                    for ((d, &xv), &gv) in dx_n[r.clone()].iter_mut().zip(&x_n[r.clone()]).zip(&dy_n[r]) {
+                    for ((d, &xv), &gv) in dx_n[r.clone()]
+                        .iter_mut()
+                        .zip(&x_n[r.clone()])
+                        .zip(&dy_n[r])
+                    {
                         let xhat = (xv as f64 - m) * is;
                         *d = (k * (count * gv as f64 - sd - xhat * sdx)) as f32;
                     }
@@ -258,9 +288,16 @@ impl TrainBatchNorm {
             let n = (b * s) as f64;
             let unbias = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
             let dev = x.device();
-            let mean = Tensor::from_vec(st[..c].iter().map(|&v| v as f32).collect::<Vec<_>>(), c, dev)?;
+            let mean = Tensor::from_vec(
+                st[..c].iter().map(|&v| v as f32).collect::<Vec<_>>(),
+                c,
+                dev,
+            )?;
             let var = Tensor::from_vec(
-                st[c..].iter().map(|&v| (v * unbias) as f32).collect::<Vec<_>>(),
+                st[c..]
+                    .iter()
+                    .map(|&v| (v * unbias) as f32)
+                    .collect::<Vec<_>>(),
                 c,
                 dev,
             )?;
@@ -293,7 +330,10 @@ impl CustomOp3 for PreluOp {
         let (_, c, s) = bcs(l1.dims())?;
         let (x, a) = (slice(s1, l1, "input")?, slice(s2, l2, "weight")?);
         if a.len() != c {
-            return Err(Error::Msg(format!("prelu: {c} channels but {} weights", a.len())));
+            return Err(Error::Msg(format!(
+                "prelu: {c} channels but {} weights",
+                a.len()
+            )));
         }
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut((c * s).max(1))
@@ -301,7 +341,10 @@ impl CustomOp3 for PreluOp {
             .for_each(|(y_n, x_n)| {
                 for ch in 0..c {
                     let w = a[ch];
-                    for (yv, &xv) in y_n[ch * s..(ch + 1) * s].iter_mut().zip(&x_n[ch * s..(ch + 1) * s]) {
+                    for (yv, &xv) in y_n[ch * s..(ch + 1) * s]
+                        .iter_mut()
+                        .zip(&x_n[ch * s..(ch + 1) * s])
+                    {
                         *yv = if xv > 0.0 { xv } else { w * xv };
                     }
                 }
@@ -345,16 +388,20 @@ impl CustomOp3 for PreluBwdOp {
     ) -> Result<(CpuStorage, Shape)> {
         let dims = bcs(l1.dims())?;
         let (_, c, s) = dims;
-        let (x, a, dy) = (slice(s1, l1, "input")?, slice(s2, l2, "weight")?, slice(s3, l3, "gradient")?);
+        let (x, a, dy) = (
+            slice(s1, l1, "input")?,
+            slice(s2, l2, "weight")?,
+            slice(s3, l3, "gradient")?,
+        );
         if dy.len() != x.len() || a.len() != c {
             return Err(Error::Msg("prelu backward: shape mismatch".into()));
         }
-        let da = channel_sums(dims, |_, i| {
-            if x[i] > 0.0 {
-                0.0
-            } else {
-                dy[i] as f64 * x[i] as f64
-            }
+        let da = channel_sums(dims, |_, r| {
+            x[r.clone()]
+                .iter()
+                .zip(&dy[r])
+                .map(|(&v, &g)| if v > 0.0 { 0.0 } else { g as f64 * v as f64 })
+                .sum::<f64>()
         });
         let mut out = vec![0f32; x.len() + c];
         let (dx, rest) = out.split_at_mut(x.len());
@@ -362,10 +409,13 @@ impl CustomOp3 for PreluBwdOp {
             .zip(x.par_chunks((c * s).max(1)))
             .zip(dy.par_chunks((c * s).max(1)))
             .for_each(|((dx_n, x_n), dy_n)| {
-                for ch in 0..c {
-                    let w = a[ch];
+                for (ch, &w) in a.iter().enumerate() {
                     let r = ch * s..(ch + 1) * s;
-                    for ((d, &xv), &gv) in dx_n[r.clone()].iter_mut().zip(&x_n[r.clone()]).zip(&dy_n[r]) {
+                    for ((d, &xv), &gv) in dx_n[r.clone()]
+                        .iter_mut()
+                        .zip(&x_n[r.clone()])
+                        .zip(&dy_n[r])
+                    {
                         *d = if xv > 0.0 { gv } else { w * gv };
                     }
                 }
@@ -400,7 +450,8 @@ impl TrainPrelu {
         if !x.device().is_cpu() || x.dtype() != DType::F32 || !matches!(x.rank(), 2 | 4) {
             return self.inner.forward(x);
         }
-        x.contiguous()?.apply_op3(&self.weight, &self.weight, PreluOp)
+        x.contiguous()?
+            .apply_op3(&self.weight, &self.weight, PreluOp)
     }
 }
 
@@ -411,7 +462,16 @@ mod tests {
     use candle_nn::VarMap;
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
     }
 
     /// Fused ops against candle_nn on the same variables: outputs, all gradients and the
@@ -429,25 +489,66 @@ mod tests {
             // Non-trivial affine parameters, identical in both maps.
             for vm in [&fused_vm, &ref_vm] {
                 let d = vm.data().lock().unwrap();
-                d["bn.weight"].set(&Tensor::new(&[1.5f32, 0.5, -1.0, 2.0], &dev).unwrap()).unwrap();
-                d["bn.bias"].set(&Tensor::new(&[0.1f32, -0.2, 0.3, 0.0], &dev).unwrap()).unwrap();
-                d["pr.weight"].set(&Tensor::new(&[0.25f32, -0.5, 0.1, 0.9], &dev).unwrap()).unwrap();
+                d["bn.weight"]
+                    .set(&Tensor::new(&[1.5f32, 0.5, -1.0, 2.0], &dev).unwrap())
+                    .unwrap();
+                d["bn.bias"]
+                    .set(&Tensor::new(&[0.1f32, -0.2, 0.3, 0.0], &dev).unwrap())
+                    .unwrap();
+                d["pr.weight"]
+                    .set(&Tensor::new(&[0.25f32, -0.5, 0.1, 0.9], &dev).unwrap())
+                    .unwrap();
             }
-            let x = Var::from_tensor(&(Tensor::randn(0f32, 2., shape.as_slice(), &dev).unwrap() + 0.7).unwrap()).unwrap();
+            let x = Var::from_tensor(
+                &(Tensor::randn(0f32, 2., shape.as_slice(), &dev).unwrap() + 0.7).unwrap(),
+            )
+            .unwrap();
             let probe = Tensor::randn(0f32, 1., shape.as_slice(), &dev).unwrap();
-            let yf = fpr.forward(&fbn.forward_t(x.as_tensor(), true).unwrap()).unwrap();
-            let yr = rpr.forward(&rbn.forward_t(x.as_tensor(), true).unwrap()).unwrap();
+            let yf = fpr
+                .forward(&fbn.forward_t(x.as_tensor(), true).unwrap())
+                .unwrap();
+            let yr = rpr
+                .forward(&rbn.forward_t(x.as_tensor(), true).unwrap())
+                .unwrap();
             assert!(max_diff(&yf, &yr) < 1e-4, "{shape:?} forward");
-            let gf = (yf * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            let gr = (yr * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            assert!(max_diff(gf.get(x.as_tensor()).unwrap(), gr.get(x.as_tensor()).unwrap()) < 1e-3);
-            let (fd, rd) = (fused_vm.data().lock().unwrap(), ref_vm.data().lock().unwrap());
+            let gf = (yf * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gr = (yr * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            assert!(
+                max_diff(
+                    gf.get(x.as_tensor()).unwrap(),
+                    gr.get(x.as_tensor()).unwrap()
+                ) < 1e-3
+            );
+            let (fd, rd) = (
+                fused_vm.data().lock().unwrap(),
+                ref_vm.data().lock().unwrap(),
+            );
             for name in ["bn.weight", "bn.bias", "pr.weight"] {
-                let (a, b) = (gf.get(fd[name].as_tensor()).unwrap(), gr.get(rd[name].as_tensor()).unwrap());
-                assert!(max_diff(a, b) < 1e-3, "{shape:?} d{name}: {}", max_diff(a, b));
+                let (a, b) = (
+                    gf.get(fd[name].as_tensor()).unwrap(),
+                    gr.get(rd[name].as_tensor()).unwrap(),
+                );
+                assert!(
+                    max_diff(a, b) < 1e-3,
+                    "{shape:?} d{name}: {}",
+                    max_diff(a, b)
+                );
             }
             for name in ["bn.running_mean", "bn.running_var"] {
-                assert!(max_diff(fd[name].as_tensor(), rd[name].as_tensor()) < 1e-5, "{name}");
+                assert!(
+                    max_diff(fd[name].as_tensor(), rd[name].as_tensor()) < 1e-5,
+                    "{name}"
+                );
             }
         }
     }

@@ -170,11 +170,7 @@ impl MarginHead {
         let logits = self.logits_from_cosines(&cos, &one_hot)?;
         let loss = cross_entropy(&logits, &one_hot)?;
         let predicted = cos.argmax(D::Minus1)?.to_vec1::<u32>()?;
-        let correct = predicted
-            .iter()
-            .zip(labels)
-            .filter(|(p, l)| p == l)
-            .count();
+        let correct = predicted.iter().zip(labels).filter(|(p, l)| p == l).count();
         Ok(HeadOutput {
             loss,
             accuracy: correct as f64 / labels.len().max(1) as f64,
@@ -259,8 +255,16 @@ mod tests {
         let c30 = r(30.).cos();
         let c170 = r(170.).cos();
         // θ = 30° → cos(30° + 28.65°); θ = 90° → cos(90° + 28.65°).
-        close(&got[0], &[64.0 * (r(30.) + 0.5).cos(), 0.0, 64.0 * c170], 1e-3);
-        close(&got[1], &[64.0 * c30, 64.0 * (r(90.) + 0.5).cos(), 64.0 * c170], 1e-3);
+        close(
+            &got[0],
+            &[64.0 * (r(30.) + 0.5).cos(), 0.0, 64.0 * c170],
+            1e-3,
+        );
+        close(
+            &got[1],
+            &[64.0 * c30, 64.0 * (r(90.) + 0.5).cos(), 64.0 * c170],
+            1e-3,
+        );
         // θ = 170° with m = 0.5 rad passes π: fallback cos θ − m sin m.
         let oh = one_hot(&[2, 2], 3, &Device::Cpu).unwrap();
         let got = h.logits(&x, &oh).unwrap().to_vec2::<f32>().unwrap();
@@ -271,7 +275,10 @@ mod tests {
     fn cross_entropy_matches_hand_computation() {
         let logits = Tensor::new(&[[1f32, 2., 3.], [0., 0., 0.]], &Device::Cpu).unwrap();
         let oh = one_hot(&[2, 0], 3, &Device::Cpu).unwrap();
-        let got = cross_entropy(&logits, &oh).unwrap().to_scalar::<f32>().unwrap();
+        let got = cross_entropy(&logits, &oh)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         let lse = (1f64.exp() + 2f64.exp() + 3f64.exp()).ln();
         let want = ((lse - 3.0) + 3f64.ln()) / 2.0;
         assert!((got as f64 - want).abs() < 1e-5, "{got} vs {want}");
@@ -285,12 +292,20 @@ mod tests {
             let labels = [1u32, 2];
             let loss_at = |w: &Tensor| -> f64 {
                 let h = MarginHead::from_weight(w.clone(), kind, 4.0, 0.3).unwrap();
-                h.forward(&x, &labels).unwrap().loss.to_scalar::<f32>().unwrap() as f64
+                h.forward(&x, &labels)
+                    .unwrap()
+                    .loss
+                    .to_scalar::<f32>()
+                    .unwrap() as f64
             };
             let var = Var::new(&w0, &Device::Cpu).unwrap();
             let h = MarginHead::from_weight(var.as_tensor().clone(), kind, 4.0, 0.3).unwrap();
             let grads = h.forward(&x, &labels).unwrap().loss.backward().unwrap();
-            let g = grads.get(var.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
             let eps = 1e-2f32;
             for i in 0..3 {
                 for j in 0..3 {

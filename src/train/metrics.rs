@@ -51,7 +51,11 @@ pub fn write_metrics(out: &Path, history: &[EpochRecord]) -> Result<()> {
     );
     for r in history {
         let (name, mean, std) = match &r.val {
-            Some(v) => (v.name.as_str(), v.accuracy_mean.to_string(), v.accuracy_std.to_string()),
+            Some(v) => (
+                v.name.as_str(),
+                v.accuracy_mean.to_string(),
+                v.accuracy_std.to_string(),
+            ),
             None => ("", String::new(), String::new()),
         };
         let _ = writeln!(
@@ -94,12 +98,16 @@ mod tests {
             }),
             best: true,
         };
-        write_metrics(dir.path(), &[rec.clone()]).unwrap();
-        let back: Vec<EpochRecord> =
-            serde_json::from_str(&std::fs::read_to_string(dir.path().join("metrics.json")).unwrap())
-                .unwrap();
+        write_metrics(dir.path(), std::slice::from_ref(&rec)).unwrap();
+        let back: Vec<EpochRecord> = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("metrics.json")).unwrap(),
+        )
+        .unwrap();
         assert_eq!(back, vec![rec]);
         let csv = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
-        assert_eq!(csv.lines().nth(1).unwrap(), "1,10,2.5,0.25,0.1,12.35,lfw,0.9,0.01,true");
+        assert_eq!(
+            csv.lines().nth(1).unwrap(),
+            "1,10,2.5,0.25,0.1,12.35,lfw,0.9,0.01,true"
+        );
     }
 }

@@ -3,18 +3,20 @@
 //! `IResNet::load` reads, and InsightFace verification after every epoch.
 
 pub mod augment;
+pub mod ckpt;
 pub mod config;
 pub mod data;
+pub mod eval;
 pub mod loader;
 pub mod margin;
 pub mod optim;
 pub mod schedule;
-pub mod ckpt;
-pub mod eval;
 
+pub mod bench;
+pub mod cli;
 pub mod conv;
 pub mod fused;
-pub mod net;
 pub mod metrics;
+pub mod net;
+pub mod run;
 pub mod trainer;
-mod probe;

@@ -40,13 +40,19 @@ impl NetConfig {
     /// Checks the config.
     pub fn validate(&self) -> Result<()> {
         if self.layers.len() != 4 || self.layers.contains(&0) {
-            bail!("backbone layers must be four positive block counts, got {:?}", self.layers);
+            bail!(
+                "backbone layers must be four positive block counts, got {:?}",
+                self.layers
+            );
         }
         if self.num_features == 0 || self.width == 0 {
             bail!("backbone num_features and width must be positive");
         }
         if self.input_size == 0 || !self.input_size.is_multiple_of(16) {
-            bail!("input size must be a positive multiple of 16, got {}", self.input_size);
+            bail!(
+                "input size must be a positive multiple of 16, got {}",
+                self.input_size
+            );
         }
         if !(0.0..1.0).contains(&self.dropout) {
             bail!("dropout must be in [0, 1), got {}", self.dropout);
@@ -293,10 +299,18 @@ mod tests {
             num_features: 32,
             ..IResNetConfig::iresnet18()
         };
-        let reference = IResNet::new(VarBuilder::from_varmap(&vm, DType::F32, &dev), &icfg).unwrap();
+        let reference =
+            IResNet::new(VarBuilder::from_varmap(&vm, DType::F32, &dev), &icfg).unwrap();
         let a = net.forward_t(&x, false).unwrap();
         let b = reference.forward(&x).unwrap();
-        let diff: f32 = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        let diff: f32 = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
         assert!(diff < 1e-3, "max abs diff {diff}");
         let shapes: Vec<(String, Vec<usize>)> = vm
             .data()
@@ -305,7 +319,8 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.clone(), v.dims().to_vec()))
             .collect();
-        let inferred = NetConfig::infer(shapes.iter().map(|(k, d)| (k.as_str(), d.as_slice()))).unwrap();
+        let inferred =
+            NetConfig::infer(shapes.iter().map(|(k, d)| (k.as_str(), d.as_slice()))).unwrap();
         assert_eq!(inferred, cfg);
     }
 
@@ -324,10 +339,21 @@ mod tests {
         let x = Tensor::randn(0f32, 1., (2, 3, 32, 32), &dev).unwrap();
         assert_eq!(net.forward_t(&x, true).unwrap().dims(), &[2, 8]);
         assert!(net.forward_t(&x.narrow(0, 0, 1).unwrap(), true).is_err());
-        assert!(net.forward_t(&Tensor::zeros((2, 3, 48, 48), DType::F32, &dev).unwrap(), false).is_err());
-        let bad = NetConfig { input_size: 40, ..cfg.clone() };
+        assert!(net
+            .forward_t(
+                &Tensor::zeros((2, 3, 48, 48), DType::F32, &dev).unwrap(),
+                false
+            )
+            .is_err());
+        let bad = NetConfig {
+            input_size: 40,
+            ..cfg.clone()
+        };
         assert!(bad.validate().is_err());
-        let bad = NetConfig { layers: vec![1, 1], ..cfg };
+        let bad = NetConfig {
+            layers: vec![1, 1],
+            ..cfg
+        };
         assert!(bad.validate().is_err());
     }
 }

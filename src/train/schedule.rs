@@ -4,9 +4,8 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 /// Decay after the warm-up.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(tag = "kind", rename_all = "lowercase")]
-#[derive(Default)]
 pub enum Decay {
     /// `lr · ½(1 + cos(π · progress))` over the steps after the warm-up.
     #[default]
@@ -19,7 +18,6 @@ pub enum Decay {
         gamma: f64,
     },
 }
-
 
 /// A schedule over a fixed number of optimiser steps.
 #[derive(Debug, Clone, PartialEq)]

@@ -132,7 +132,11 @@ impl Trainer {
                 self.state.num_classes
             );
         }
-        restore_vars(&self.backbone_vars, &ck.backbone, &format!("{dir}/backbone.safetensors"))?;
+        restore_vars(
+            &self.backbone_vars,
+            &ck.backbone,
+            &format!("{dir}/backbone.safetensors"),
+        )?;
         if ck.head.dims() != self.head_var.dims() {
             bail!(
                 "{dir}/state.safetensors: `{HEAD_WEIGHT}` has shape {:?}, the head needs {:?}",
@@ -252,7 +256,9 @@ mod tests {
         let grads = out.loss.backward().unwrap();
         let vars = t.trainable();
         assert!(vars.contains_key(HEAD_WEIGHT));
-        assert!(!vars.keys().any(|n| n.ends_with("running_mean") || n.ends_with("running_var")));
+        assert!(!vars
+            .keys()
+            .any(|n| n.ends_with("running_mean") || n.ends_with("running_var")));
         let all = t.backbone_vars.data().lock().unwrap().len();
         let stats = t
             .backbone_vars
@@ -266,7 +272,13 @@ mod tests {
         let mut missing = Vec::new();
         for (name, var) in &vars {
             let ok = grads.get(var.as_tensor()).is_some_and(|g| {
-                g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0
+                g.sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    > 0.0
             });
             if !ok {
                 missing.push(name.clone());

@@ -4,6 +4,7 @@
 //! Data flows one way: settings → [`Command`] → worker → [`Event`] → state → view.
 
 pub mod analyze;
+pub mod dataset_export;
 pub mod guard;
 pub mod io;
 pub mod job;

@@ -229,6 +229,27 @@ pub enum Event {
     Exported(Result<PathBuf, String>),
     /// A background context-file load finished.
     ContextsLoaded(Result<LoadedContexts, String>),
+    /// Curation preview `id` of the Export tab: counts per rule, or a one-line error.
+    CurationPreview {
+        /// Request id.
+        id: u64,
+        /// The counts.
+        result: Result<crate::dataset::curate::CurationCounts, String>,
+    },
+    /// Progress of dataset export `id` (Export tab).
+    DatasetExportProgress {
+        /// Request id.
+        id: u64,
+        /// Images written, rate and ETA.
+        progress: crate::dataset::export::ExportProgress,
+    },
+    /// Dataset export `id` ended: its summary, `None` when cancelled, or a one-line error.
+    DatasetExportFinished {
+        /// Request id.
+        id: u64,
+        /// The result.
+        result: Result<Option<crate::dataset::export::ExportSummary>, String>,
+    },
     /// A background file dialog returned (None = dismissed or unavailable).
     FilePicked {
         /// Which field asked.
@@ -284,4 +305,14 @@ pub enum PickTarget {
     SaveSession,
     /// PNG export target.
     ExportPng,
+    /// Export tab: the generated folder to export.
+    DatasetSource,
+    /// Export tab: the embeddings file.
+    DatasetEmbeddings,
+    /// Export tab: the manual rejects file.
+    DatasetRejects,
+    /// Export tab: the reference embeddings of the leakage check.
+    DatasetReference,
+    /// Export tab: the destination folder.
+    DatasetOut,
 }

@@ -1,6 +1,7 @@
 //! The studio's views: pure functions of the state that call actions on it.
 
 pub mod analyze_tab;
+pub mod export_tab;
 pub mod generate_tab;
 pub mod grid_view;
 pub mod identities_panel;
