@@ -20,8 +20,9 @@ pub const EMBEDDINGS_FILE: &str = "embeddings.safetensors";
 #[derive(Debug, Clone, Args)]
 #[command(group(clap::ArgGroup::new("input").required(true).args(["images", "embeddings"])))]
 pub struct AnalyzeArgs {
-    /// ImageFolder dataset (`DIR/<identity>/<image>`) to embed with --fr-model.
-    #[arg(long, requires = "fr_model")]
+    /// ImageFolder dataset (`DIR/<identity>/<image>`) to embed with --fr-model (default:
+    /// the built-in default model's FR backbone).
+    #[arg(long)]
     pub images: Option<PathBuf>,
     /// Precomputed embeddings (safetensors: `embeddings` [N, D], `labels` [N]).
     #[arg(long)]
@@ -102,13 +103,18 @@ impl AnalyzeArgs {
 pub fn run_analyze(a: &AnalyzeArgs) -> Result<i32> {
     let start = Instant::now();
     let emb = match (&a.images, &a.embeddings) {
-        (Some(dir), _) => {
-            let weights = a
-                .fr_model
-                .as_ref()
-                .ok_or_else(|| anyhow!("--images needs --fr-model"))?;
-            embed_images(a, dir, weights)?
-        }
+        (Some(dir), _) => match &a.fr_model {
+            Some(weights) => embed_images(a, dir, weights)?,
+            None => {
+                let (weights, config) = crate::default_model::assets::default_fr_paths()
+                    .context("--images without --fr-model needs the built-in default model")?;
+                let with_default = AnalyzeArgs {
+                    fr_config: Some(a.fr_config.clone().unwrap_or(config)),
+                    ..a.clone()
+                };
+                embed_images(&with_default, dir, &weights)?
+            }
+        },
         (None, Some(file)) => Embeddings::load(file)?,
         (None, None) => bail!("give --images DIR or --embeddings FILE"),
     };

@@ -27,7 +27,7 @@ use crate::checkpoint::{build_checked, load_state_dict, StateDict};
 use crate::models::config::read_config;
 use crate::models::iresnet::{normalise, IResNet, IResNetConfig};
 
-/// Side length of the face-recognition input.
+/// Side length of the standard (arcface_torch) face-recognition input.
 pub const FR_INPUT_SIZE: usize = 112;
 
 /// Marker stored in the metadata of embedding files written by [`Embeddings::save`].
@@ -162,8 +162,9 @@ fn linear_taps(input: usize, output: usize) -> Vec<(usize, usize, f32, f32)> {
         .collect()
 }
 
-/// Planar `3 × 112 × 112` network input in [-1, 1] from an RGB image of any size.
-pub fn preprocess(img: &RgbImage) -> Result<Vec<f32>> {
+/// Planar `3 × size × size` network input in [-1, 1] from an RGB image of any size
+/// (bilinear resize when the sizes differ).
+pub fn preprocess(img: &RgbImage, size: usize) -> Result<Vec<f32>> {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let mut planar = vec![0.0f32; 3 * h * w];
     for (p, px) in img.pixels().enumerate() {
@@ -171,10 +172,10 @@ pub fn preprocess(img: &RgbImage) -> Result<Vec<f32>> {
             planar[c * h * w + p] = (f32::from(px[c]) / 255.0 - 0.5) / 0.5;
         }
     }
-    if (h, w) == (FR_INPUT_SIZE, FR_INPUT_SIZE) {
+    if (h, w) == (size, size) {
         return Ok(planar);
     }
-    resize_bilinear(&planar, 3, (h, w), (FR_INPUT_SIZE, FR_INPUT_SIZE))
+    resize_bilinear(&planar, 3, (h, w), (size, size))
 }
 
 /// A loaded face-recognition backbone plus the facts the cache needs.
@@ -219,12 +220,18 @@ impl FrModel {
         self.model.config().num_features
     }
 
-    /// L2-normalised embeddings of `n` planar `3 × 112 × 112` inputs, row-major `n × dim`.
+    /// Side length of the model's square input.
+    pub fn input_size(&self) -> usize {
+        self.model.input_size()
+    }
+
+    /// L2-normalised embeddings of `n` planar `3 × input_size × input_size` inputs, row-major `n × dim`.
     ///
     /// # Errors
     /// On a shape mismatch or a failing forward pass.
     pub fn embed(&self, inputs: Vec<f32>, n: usize, flip: bool) -> Result<Vec<f32>> {
-        let x = Tensor::from_vec(inputs, (n, 3, FR_INPUT_SIZE, FR_INPUT_SIZE), &self.device)?;
+        let size = self.input_size();
+        let x = Tensor::from_vec(inputs, (n, 3, size, size), &self.device)?;
         let raw = if flip {
             self.model.embed_flip_sum(&x)?
         } else {
@@ -237,37 +244,13 @@ impl FrModel {
     }
 }
 
-/// Reads the IResNet architecture off a state dict: blocks per stage from the
-/// `layer{s}.{i}.` keys, the width from `features.weight`.
+/// Reads the IResNet architecture off a state dict ([`IResNetConfig::infer`]).
 ///
 /// # Errors
 /// When the keys do not look like an IResNet.
 pub fn infer_iresnet_config(state: &StateDict) -> Result<IResNetConfig> {
-    let mut layers = [0usize; 4];
-    for key in state.tensors.keys() {
-        let Some(rest) = key.strip_prefix("layer") else {
-            continue;
-        };
-        let mut parts = rest.split('.');
-        let (Some(stage), Some(block)) = (parts.next(), parts.next()) else {
-            continue;
-        };
-        if let (Ok(s @ 1..=4), Ok(b)) = (stage.parse::<usize>(), block.parse::<usize>()) {
-            layers[s - 1] = layers[s - 1].max(b + 1);
-        }
-    }
-    let features = state.tensors.get("features.weight").ok_or_else(|| {
-        anyhow!(
-            "{}: no `features.weight`; not an IResNet backbone (pass --fr-config)",
-            state.path.display()
-        )
-    })?;
-    let mut cfg = IResNetConfig::iresnet50();
-    cfg.layers = layers.to_vec();
-    cfg.num_features = features.dims().first().copied().unwrap_or(0);
-    cfg.validate()
-        .map_err(|e| anyhow!("{}: {e}", state.path.display()))?;
-    Ok(cfg)
+    IResNetConfig::infer(state.tensors.iter().map(|(k, v)| (k.as_str(), v.dims())))
+        .map_err(|e| anyhow!("{}: {e} (pass --fr-config)", state.path.display()))
 }
 
 /// L2-normalised embeddings with identity labels and file names.
@@ -618,7 +601,7 @@ pub fn embed_folder(
         }
         let inputs: Vec<Vec<f32>> = batch
             .par_iter()
-            .map(|&i| load_input(&root.join(&folder.files[i])))
+            .map(|&i| load_input(&root.join(&folder.files[i]), model.input_size()))
             .collect::<Result<_>>()?;
         let emb = model.embed(inputs.concat(), batch.len(), opts.flip)?;
         for (row, &i) in emb.chunks_exact(dim).zip(batch) {
@@ -669,7 +652,7 @@ pub fn embed_images(
         }
         let inputs: Vec<Vec<f32>> = batch
             .par_iter()
-            .map(|img| preprocess(img))
+            .map(|img| preprocess(img, model.input_size()))
             .collect::<Result<_>>()?;
         out.extend(model.embed(inputs.concat(), batch.len(), flip)?);
         progress(out.len() / model.dim());
@@ -677,10 +660,10 @@ pub fn embed_images(
     Ok(out)
 }
 
-fn load_input(path: &Path) -> Result<Vec<f32>> {
+fn load_input(path: &Path, size: usize) -> Result<Vec<f32>> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let img = crate::dataset::decode_rgb(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-    preprocess(&img).map_err(|e| anyhow!("{}: {e}", path.display()))
+    preprocess(&img, size).map_err(|e| anyhow!("{}: {e}", path.display()))
 }
 
 /// SHA-256 of (canonical path, mtime in ns, size, model hash, flip flag).
@@ -799,12 +782,16 @@ mod tests {
         assert_eq!(linear_taps(2, 4)[3], (1, 1, 0.75, 0.25));
         // Constant images stay constant; a 112 input is left untouched.
         let img = RgbImage::from_pixel(128, 128, image::Rgb([255, 0, 128]));
-        let x = preprocess(&img).unwrap();
+        let x = preprocess(&img, FR_INPUT_SIZE).unwrap();
         assert_eq!(x.len(), 3 * 112 * 112);
         assert!(x[..112 * 112].iter().all(|&v| v == 1.0));
         assert!(x[112 * 112..2 * 112 * 112].iter().all(|&v| v == -1.0));
         let img = RgbImage::from_pixel(112, 112, image::Rgb([10, 20, 30]));
-        assert_eq!(preprocess(&img).unwrap()[0], (10.0 / 255.0 - 0.5) / 0.5);
+        assert_eq!(
+            preprocess(&img, FR_INPUT_SIZE).unwrap()[0],
+            (10.0 / 255.0 - 0.5) / 0.5
+        );
+        assert_eq!(preprocess(&img, 64).unwrap().len(), 3 * 64 * 64);
     }
 
     #[test]

@@ -168,7 +168,7 @@ impl DefaultModel {
         })
     }
 
-    /// The FR backbone, in F32 (embeddings are `normalise(fr.forward(x))` on 112×112 input).
+    /// The FR backbone, in F32 (embeddings are `normalise(fr.forward(x))` on `fr_config.input_size` square input).
     pub fn fr_model(&self, device: &Device) -> Result<IResNet> {
         let mut state = self
             .state(&self.fr, "fr.safetensors")?
@@ -199,12 +199,7 @@ impl DefaultModel {
     /// bytes are kept) and returns path-based [`WeightPaths`] for APIs that need files.
     pub fn write_to(&self, dir: &Path) -> Result<WeightPaths> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let fr_json = serde_json::json!({
-            "layers": self.fr_config.layers,
-            "num_features": self.fr_config.num_features,
-            "block": self.fr_config.block,
-            "dropout": self.fr_config.dropout,
-        });
+        let fr_json = serde_json::to_value(&self.fr_config)?;
         let files: [(&str, Vec<u8>); 6] = [
             ("fr.safetensors", self.fr.to_vec()),
             ("fr.json", serde_json::to_vec_pretty(&fr_json)?),
@@ -267,4 +262,14 @@ pub fn default_weight_paths() -> Result<WeightPaths> {
     let model = DefaultModel::embedded()?;
     let dir = cache_dir().join(format!("default-{}", model.fingerprint()));
     model.write_to(&dir)
+}
+
+/// Writes the built-in default model like [`default_weight_paths`] and returns the paths of
+/// its FR backbone and config (`fr.safetensors`, `fr.json`), for commands whose FR model
+/// argument was left out.
+pub fn default_fr_paths() -> Result<(PathBuf, PathBuf)> {
+    let model = DefaultModel::embedded()?;
+    let dir = cache_dir().join(format!("default-{}", model.fingerprint()));
+    model.write_to(&dir)?;
+    Ok((dir.join("fr.safetensors"), dir.join("fr.json")))
 }

@@ -97,6 +97,10 @@ pub struct TrainDiffusionArgs {
     /// RNG seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Instead of training: write `--out`'s EMA weights in f16 and its `unet.json` into this
+    /// folder (how `assets/default/unet.*` is made; half the size, same architecture).
+    #[arg(long)]
+    pub export_f16: Option<PathBuf>,
 }
 
 impl TrainDiffusionArgs {
@@ -182,7 +186,7 @@ impl TrainableUNet {
     }
 }
 
-/// L2-normalised FR embeddings of RGB images (resized to 112×112, [-1, 1]).
+/// L2-normalised FR embeddings of RGB images (resized to the FR input size, [-1, 1]).
 pub fn fr_embeddings(
     fr: &IResNet,
     images: &[image::RgbImage],
@@ -191,7 +195,7 @@ pub fn fr_embeddings(
 ) -> Result<Vec<Vec<f32>>> {
     let mut out = Vec::with_capacity(images.len());
     for chunk in images.chunks(batch.max(1)) {
-        let x = images_to_tensor(chunk, 112, device)?;
+        let x = images_to_tensor(chunk, fr.input_size() as u32, device)?;
         let e = normalise(&fr.forward(&x)?)?;
         out.extend(e.to_vec2::<f32>()?);
     }
@@ -301,6 +305,10 @@ fn prepare(a: &TrainDiffusionArgs, device: &Device) -> Result<LatentSet> {
 /// Runs `train-diffusion`; returns the exit code (130 when cancelled).
 pub fn run(a: &TrainDiffusionArgs) -> Result<i32> {
     let device = Device::Cpu;
+    if let Some(dest) = &a.export_f16 {
+        export_f16(&a.out, dest, &device)?;
+        return Ok(0);
+    }
     anyhow::ensure!(a.batch_size > 0, "batch size must be positive");
     anyhow::ensure!(
         (0.0..1.0).contains(&a.cpd) && (0.0..1.0).contains(&a.uncond),
@@ -461,6 +469,24 @@ fn save(
     Ok(())
 }
 
+/// Writes `run/unet.safetensors` in f16 and `run/unet.json` into `dest`.
+fn export_f16(run: &Path, dest: &Path, device: &Device) -> Result<()> {
+    let src = run.join("unet.safetensors");
+    let tensors = candle_core::safetensors::load(&src, device)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", src.display()))?;
+    std::fs::create_dir_all(dest).with_context(|| format!("cannot create {}", dest.display()))?;
+    save_f16(&tensors, &dest.join("unet.safetensors"))?;
+    let json = run.join("unet.json");
+    std::fs::copy(&json, dest.join("unet.json"))
+        .with_context(|| format!("cannot copy {}", json.display()))?;
+    eprintln!(
+        "wrote {} tensors in f16 to {}",
+        tensors.len(),
+        dest.join("unet.safetensors").display()
+    );
+    Ok(())
+}
+
 /// Writes `tensors` as f16 safetensors (the shipped assets are stored in half precision).
 pub fn save_f16(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
     let half: HashMap<String, Tensor> = tensors
@@ -526,6 +552,8 @@ mod tests {
             num_features: 8,
             block: "IBasicBlock".into(),
             dropout: 0.0,
+            width: 64,
+            input_size: 112,
         };
         let vm = VarMap::new();
         IResNet::new(VarBuilder::from_varmap(&vm, DType::F32, &dev), &fr_cfg).unwrap();
@@ -590,6 +618,7 @@ mod tests {
             ema: 0.9,
             save_every: 1,
             seed: 0,
+            export_f16: None,
         };
         assert_eq!(run(&a).unwrap(), 0);
         a.steps = 3;

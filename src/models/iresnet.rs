@@ -13,20 +13,16 @@ use candle_nn::{
     batch_norm, conv2d_no_bias, linear, prelu, BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig,
     Linear, PReLU, VarBuilder,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// Epsilon of every BatchNorm (2d and the final BatchNorm1d `features`).
 const BN_EPS: f64 = 1e-5;
-/// Input side length the `fc` layer is sized for (112 → 7 after four stride-2 stages).
-const INPUT_SIZE: usize = 112;
-/// Spatial side of the last feature map.
-const FINAL_SIZE: usize = 7;
-/// Channels of the four stages.
-const STAGE_CHANNELS: [usize; 4] = [64, 128, 256, 512];
+/// Channels of the four stages relative to the stem width (64, 128, 256, 512 for IResNet).
+const STAGE_MULTIPLIERS: [usize; 4] = [1, 2, 4, 8];
 
 /// Architecture of an IResNet backbone.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IResNetConfig {
     /// Number of IBasicBlocks in each of the four stages.
     pub layers: Vec<usize>,
@@ -39,6 +35,22 @@ pub struct IResNetConfig {
     /// Dropout before `fc`, active only in training (the paper's FR training uses 0.4).
     #[serde(default)]
     pub dropout: f64,
+    /// Channels of the stem and first stage (64 in arcface_torch; smaller for the embedded
+    /// default model). Stages have `width × [1, 2, 4, 8]` channels.
+    #[serde(default = "default_width")]
+    pub width: usize,
+    /// Input side length, a multiple of 16 (112 in arcface_torch; `fc` sees
+    /// `8·width × (input_size/16)²` features).
+    #[serde(default = "default_input_size")]
+    pub input_size: usize,
+}
+
+fn default_width() -> usize {
+    64
+}
+
+fn default_input_size() -> usize {
+    112
 }
 
 fn default_num_features() -> usize {
@@ -56,6 +68,8 @@ impl IResNetConfig {
             num_features: default_num_features(),
             block: default_block(),
             dropout: 0.0,
+            width: default_width(),
+            input_size: default_input_size(),
         }
     }
 
@@ -79,6 +93,50 @@ impl IResNetConfig {
         Self::with_layers([3, 13, 30, 3])
     }
 
+    /// Reads the architecture off parameter shapes (`name`, `dims`): blocks per stage from
+    /// the `layer{s}.{i}.` names, `width` from `conv1.weight`, `num_features` from
+    /// `features.weight` and `input_size` from the input width of `fc.weight`.
+    pub fn infer<'a>(shapes: impl IntoIterator<Item = (&'a str, &'a [usize])>) -> Result<Self> {
+        let mut layers = [0usize; 4];
+        let (mut width, mut features, mut fc_in) = (None, None, None);
+        for (name, dims) in shapes {
+            match name {
+                "conv1.weight" => width = dims.first().copied(),
+                "features.weight" => features = dims.first().copied(),
+                "fc.weight" => fc_in = dims.get(1).copied(),
+                _ => {}
+            }
+            let Some(rest) = name.strip_prefix("layer") else {
+                continue;
+            };
+            let mut parts = rest.split('.');
+            if let (Some(Ok(s @ 1..=4)), Some(Ok(i))) = (
+                parts.next().map(str::parse::<usize>),
+                parts.next().map(str::parse::<usize>),
+            ) {
+                layers[s - 1] = layers[s - 1].max(i + 1);
+            }
+        }
+        let missing =
+            |k: &str| candle_core::Error::Msg(format!("no `{k}`; not an IResNet backbone"));
+        let width = width.ok_or_else(|| missing("conv1.weight"))?;
+        let num_features = features.ok_or_else(|| missing("features.weight"))?;
+        let fc_in = fc_in.ok_or_else(|| missing("fc.weight"))?;
+        let side = ((fc_in / (8 * width).max(1)) as f64).sqrt().round() as usize;
+        if side * side * 8 * width != fc_in {
+            candle_core::bail!("`fc.weight` input width {fc_in} is not 8·{width}·side²");
+        }
+        let cfg = Self {
+            layers: layers.to_vec(),
+            num_features,
+            width,
+            input_size: side * 16,
+            ..Self::iresnet18()
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
     /// Reads a config from a JSON file (unknown keys are ignored).
     pub fn from_json_file(path: impl AsRef<Path>) -> anyhow::Result<Self> {
         let path = path.as_ref();
@@ -100,6 +158,15 @@ impl IResNetConfig {
             candle_core::bail!(
                 "IResNet config: layers must be four positive block counts, got {:?}",
                 self.layers
+            );
+        }
+        if self.width == 0 {
+            candle_core::bail!("IResNet config: width must be positive");
+        }
+        if self.input_size < 16 || self.input_size % 16 != 0 {
+            candle_core::bail!(
+                "IResNet config: input_size must be a positive multiple of 16, got {}",
+                self.input_size
             );
         }
         if self.num_features == 0 {
@@ -202,12 +269,13 @@ impl IResNet {
     /// Builds the backbone from `vb` with the reference's parameter names.
     pub fn new(vb: VarBuilder, cfg: &IResNetConfig) -> Result<Self> {
         cfg.validate()?;
-        let mut inplanes = STAGE_CHANNELS[0];
+        let stage_channels = STAGE_MULTIPLIERS.map(|m| m * cfg.width);
+        let mut inplanes = stage_channels[0];
         let conv1 = conv3x3(3, inplanes, 1, vb.pp("conv1"))?;
         let bn1 = bn(inplanes, vb.pp("bn1"))?;
         let prelu_stem = prelu(Some(inplanes), vb.pp("prelu"))?;
         let mut layers = Vec::with_capacity(4);
-        for (stage, (&planes, &count)) in STAGE_CHANNELS.iter().zip(&cfg.layers).enumerate() {
+        for (stage, (&planes, &count)) in stage_channels.iter().zip(&cfg.layers).enumerate() {
             let vb_stage = vb.pp(format!("layer{}", stage + 1));
             let mut blocks = Vec::with_capacity(count);
             for i in 0..count {
@@ -217,7 +285,8 @@ impl IResNet {
             }
             layers.push(blocks);
         }
-        let last = STAGE_CHANNELS[3];
+        let last = stage_channels[3];
+        let final_size = cfg.input_size / 16;
         Ok(Self {
             conv1,
             bn1,
@@ -225,7 +294,7 @@ impl IResNet {
             layers,
             bn2: bn(last, vb.pp("bn2"))?,
             fc: linear(
-                last * FINAL_SIZE * FINAL_SIZE,
+                last * final_size * final_size,
                 cfg.num_features,
                 vb.pp("fc"),
             )?,
@@ -239,14 +308,18 @@ impl IResNet {
         &self.cfg
     }
 
+    /// Side length of the square input this model expects.
+    pub fn input_size(&self) -> usize {
+        self.cfg.input_size
+    }
+
     /// Raw (unnormalised) embeddings `[B, num_features]` of faces `[B, 3, 112, 112]` in
     /// [-1, 1]. `train` uses batch statistics (updating the running ones) and dropout.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let dims = x.dims();
-        if dims.len() != 4 || dims[1] != 3 || dims[2] != INPUT_SIZE || dims[3] != INPUT_SIZE {
-            candle_core::bail!(
-                "IResNet expects input [B, 3, {INPUT_SIZE}, {INPUT_SIZE}], got {dims:?}"
-            );
+        let size = self.cfg.input_size;
+        if dims.len() != 4 || dims[1] != 3 || dims[2] != size || dims[3] != size {
+            candle_core::bail!("IResNet expects input [B, 3, {size}, {size}], got {dims:?}");
         }
         if train && dims[0] < 2 {
             candle_core::bail!("IResNet training needs a batch of at least 2 for BatchNorm");
@@ -456,6 +529,32 @@ mod tests {
         assert!(model.forward(&wrong).is_err());
         let one = Tensor::zeros((1, 3, 112, 112), DType::F32, &Device::Cpu).unwrap();
         assert!(model.forward_t(&one, true).is_err());
+        let odd = IResNetConfig {
+            input_size: 100,
+            ..cfg.clone()
+        };
+        assert!(parameter_specs(|vb| IResNet::new(vb, &odd)).is_err());
+    }
+
+    /// A narrow backbone on small inputs: stage widths scale with `width` and `fc` is
+    /// sized for `input_size / 16`.
+    #[test]
+    fn narrow_small_input_variant_has_scaled_shapes() {
+        let cfg: IResNetConfig = serde_json::from_str(
+            r#"{"layers":[1,1,1,1],"num_features":32,"width":16,"input_size":64}"#,
+        )
+        .unwrap();
+        let specs = parameter_specs(|vb| IResNet::new(vb, &cfg)).unwrap();
+        let find = |n: &str| specs.iter().find(|s| s.name == n).map(|s| s.shape.clone());
+        assert_eq!(find("conv1.weight"), Some(vec![16, 3, 3, 3]));
+        assert_eq!(find("layer4.0.conv2.weight"), Some(vec![128, 128, 3, 3]));
+        assert_eq!(find("fc.weight"), Some(vec![32, 128 * 4 * 4]));
+        let model = IResNet::new(VarBuilder::zeros(DType::F32, &Device::Cpu), &cfg).unwrap();
+        assert_eq!(model.input_size(), 64);
+        let x = Tensor::zeros((2, 3, 64, 64), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(model.forward(&x).unwrap().dims(), &[2, 32]);
+        let big = Tensor::zeros((2, 3, 112, 112), DType::F32, &Device::Cpu).unwrap();
+        assert!(model.forward(&big).is_err());
     }
 
     #[test]

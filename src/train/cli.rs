@@ -6,7 +6,7 @@ use super::config::{BackboneSpec, TrainConfig};
 use super::data::{open_source, ImageSource, ProcFaceSource};
 use super::eval::{Embedder, ValidationSet, EVAL_BATCH};
 use super::margin::LossKind;
-use super::net::{NetConfig, TrainNet};
+use super::net::NetConfig;
 use super::run::{train, TrainEvent};
 use super::schedule::Decay;
 use crate::analysis::verification::{verify, VerificationResult};
@@ -294,9 +294,10 @@ pub fn cli_train_fr(args: &TrainFrArgs) -> Result<i32> {
 /// Arguments of `eval`.
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// Backbone weights (safetensors or torch `.pth`, arcface_torch names).
+    /// Backbone weights (safetensors or torch `.pth`, arcface_torch names); default: the
+    /// built-in default model's FR backbone.
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// IResNet config JSON; default: inferred from the weights.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -315,7 +316,7 @@ pub struct EvalArgs {
 }
 
 /// Loads a backbone for evaluation: with `config` as an IResNet; otherwise the architecture
-/// is inferred from the weights (standard IResNet, or the trainer's width/input variants).
+/// is inferred from the weights (any IResNet width and input size).
 pub fn load_embedder(
     model: &Path,
     config: Option<&Path>,
@@ -331,18 +332,15 @@ pub fn load_embedder(
         .retain(|k, _| !k.ends_with(".num_batches_tracked"));
     let cfg = NetConfig::infer(state.tensors.iter().map(|(k, v)| (k.as_str(), v.dims())))
         .map_err(|e| anyhow!("{}: {e}", model.display()))?;
-    if cfg.is_standard_iresnet() {
-        let icfg = IResNetConfig {
-            layers: cfg.layers.clone(),
-            num_features: cfg.num_features,
-            ..IResNetConfig::iresnet18()
-        };
-        return Ok(Box::new(build_checked(&state, DType::F32, device, |vb| {
-            IResNet::new(vb, &icfg)
-        })?));
-    }
+    let icfg = IResNetConfig {
+        layers: cfg.layers.clone(),
+        num_features: cfg.num_features,
+        width: cfg.width,
+        input_size: cfg.input_size,
+        ..IResNetConfig::iresnet18()
+    };
     Ok(Box::new(build_checked(&state, DType::F32, device, |vb| {
-        TrainNet::new(vb, &cfg).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
+        IResNet::new(vb, &icfg)
     })?))
 }
 
@@ -361,7 +359,15 @@ pub struct EvalRow {
 /// `eval`: every `*.bin` in `--bins` (sorted by name); a table on stderr, JSON on stdout.
 pub fn cli_eval(args: &EvalArgs) -> Result<i32> {
     let device = parse_device(&args.device)?;
-    let model = load_embedder(&args.model, args.config.as_deref(), &device)?;
+    let (weights, config) = match &args.model {
+        Some(m) => (m.clone(), args.config.clone()),
+        None => {
+            let (w, c) = crate::default_model::assets::default_fr_paths()
+                .context("eval without --model needs the built-in default model")?;
+            (w, Some(args.config.clone().unwrap_or(c)))
+        }
+    };
+    let model = load_embedder(&weights, config.as_deref(), &device)?;
     let mut bins: Vec<PathBuf> = std::fs::read_dir(&args.bins)
         .with_context(|| format!("cannot list {}", args.bins.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -397,7 +403,7 @@ pub fn cli_eval(args: &EvalArgs) -> Result<i32> {
     let mean = rows.iter().map(|r| r.result.accuracy_mean).sum::<f64>() / rows.len() as f64;
     eprintln!("{:<24} {:>7} {:>9.2}%", "average", "", 100.0 * mean);
     let json = serde_json::to_string_pretty(&serde_json::json!({
-        "model": args.model,
+        "model": weights,
         "sets": rows,
         "average_accuracy": mean,
     }))?;

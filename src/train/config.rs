@@ -79,12 +79,14 @@ impl BackboneSpec {
         }
     }
 
-    /// The inference model's config (meaningful when width is 64 and input 112).
+    /// The inference model's config (`IResNet` reads every width and input size).
     pub fn iresnet(&self) -> IResNetConfig {
         IResNetConfig {
             layers: self.layers.clone(),
             num_features: self.num_features,
             dropout: self.dropout,
+            width: self.width,
+            input_size: self.input_size,
             ..IResNetConfig::iresnet18()
         }
     }

@@ -23,7 +23,7 @@ pub trait Embedder {
 
 impl Embedder for IResNet {
     fn input_size(&self) -> usize {
-        112
+        IResNet::input_size(self)
     }
     fn flip_sum(&self, x: &Tensor) -> Result<Tensor> {
         Ok(self.embed_flip_sum(x)?)

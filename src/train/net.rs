@@ -287,16 +287,18 @@ mod tests {
             layers: vec![1, 2, 1, 1],
             num_features: 32,
             dropout: 0.0,
-            width: 64,
-            input_size: 112,
+            width: 16,
+            input_size: 64,
         };
         let net = TrainNet::new(VarBuilder::from_varmap(&vm, DType::F32, &dev), &cfg).unwrap();
-        let x = Tensor::randn(0f32, 1., (4, 3, 112, 112), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1., (4, 3, 64, 64), &dev).unwrap();
         // One training pass moves the running statistics away from their init.
         net.forward_t(&x, true).unwrap();
         let icfg = IResNetConfig {
             layers: cfg.layers.clone(),
             num_features: 32,
+            width: 16,
+            input_size: 64,
             ..IResNetConfig::iresnet18()
         };
         let reference =

@@ -113,20 +113,23 @@ impl Sgd {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            let w = var.as_tensor();
+            // Leaf gradients keep their backprop graph (and the forward activations it
+            // references); the momentum buffer must not, or every step's graph is retained.
+            let g = g.detach();
+            let w = var.as_tensor().detach();
             let mut d = if clip_scale < 1.0 {
-                (g * clip_scale)?
+                (&g * clip_scale)?
             } else {
-                g.clone()
+                g
             };
             if weight_decay != 0.0 {
-                d = (d + (w * weight_decay)?)?;
+                d = (d + (&w * weight_decay)?)?;
             }
             let buf = match self.buffers.get(name) {
                 Some(b) if momentum != 0.0 => ((b * momentum)? + d)?,
                 _ => d,
             };
-            var.set(&(w - (&buf * lr)?)?)?;
+            var.set(&(&w - (&buf * lr)?)?)?;
             if momentum != 0.0 {
                 self.buffers.insert(name.clone(), buf);
             }
@@ -250,6 +253,9 @@ mod tests {
         assert!((got[1] as f64 - b).abs() < 1e-5, "{} vs {b}", got[1]);
         assert!((scalar(w2.as_tensor()) - c).abs() < 1e-5);
         assert_eq!(opt.buffers().len(), 2);
+        // Momentum buffers hold values only: a buffer that kept the step's backprop graph
+        // would retain every step's activations (memory growing without bound).
+        assert!(opt.buffers().values().all(|b| !b.track_op()));
     }
 
     #[test]
