@@ -62,6 +62,8 @@ pub enum Command {
     Eval(crate::train::cli::EvalArgs),
     /// Run the InsightFace 10-fold verification protocol on stored embeddings.
     Verify(crate::train::cli::VerifyArgs),
+    /// One L2-normalised embedding per image (or detected, aligned face) with an ONNX or IResNet model.
+    Embed(crate::onnx::embed::EmbedArgs),
 }
 
 /// Common arguments of the `forward` subcommands.
@@ -226,6 +228,7 @@ pub fn main_with(cli: Cli) -> Result<i32> {
         Command::TrainFr(a) => crate::train::cli::cli_train_fr(&a),
         Command::Eval(a) => crate::train::cli::cli_eval(&a),
         Command::Verify(a) => crate::train::cli::cli_verify(&a),
+        Command::Embed(a) => crate::onnx::embed::run_embed(&a),
     }
 }
 

@@ -15,6 +15,7 @@ pub mod forward;
 pub mod generate;
 pub mod identity;
 pub mod models;
+pub mod onnx;
 pub mod parity;
 pub mod pipeline;
 pub mod procface;

@@ -1472,3 +1472,126 @@ fn train_fr_then_eval_on_procface() {
         "unknown backbone",
     );
 }
+
+#[test]
+fn embed_cli_real_photos_aligned_onnx_safetensors_npy_and_no_face_error() {
+    use idiff_studio::onnx::cached_model_file;
+    let Some(fr) = cached_model_file("fr_feature.onnx") else {
+        return;
+    };
+    let names = ["biden", "obama", "obama2", "obama3"];
+    let dir = tempfile::tempdir().unwrap();
+    let photos = dir.path().join("photos");
+    std::fs::create_dir(&photos).unwrap();
+    for n in names {
+        let Some(p) = cached_model_file(&format!("photos/{n}.jpg")) else {
+            return;
+        };
+        std::fs::copy(p, photos.join(format!("{n}.jpg"))).unwrap();
+    }
+    // Folder in, safetensors out: one aligned embedding per photo, names sorted.
+    let out = dir.path().join("e.safetensors");
+    let o = run(&[
+        "embed",
+        "--images",
+        s(&photos),
+        "--fr-model",
+        s(&fr),
+        "--align",
+        "--out",
+        s(&out),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let e = idiff_studio::analysis::embed::Embeddings::load(&out).unwrap();
+    assert_eq!(
+        e.files,
+        ["biden.jpg", "obama.jpg", "obama2.jpg", "obama3.jpg"]
+    );
+    assert_eq!(e.dim, 512);
+    let cos =
+        |i: usize, j: usize| -> f32 { e.row(i).iter().zip(e.row(j)).map(|(a, b)| a * b).sum() };
+    for i in 0..4 {
+        assert!((cos(i, i) - 1.0).abs() < 1e-5);
+    }
+    for (i, j) in [(1, 2), (1, 3), (2, 3)] {
+        assert!(cos(i, j) > 0.5, "obama pair {i}-{j}: {}", cos(i, j));
+    }
+    for i in 1..4 {
+        assert!(cos(0, i) < 0.25, "biden vs {i}: {}", cos(0, i));
+    }
+    // Files in, .npy out (+ the names beside it); same rows as the safetensors.
+    let npy = dir.path().join("e.npy");
+    let files: Vec<String> = ["obama2", "biden"]
+        .iter()
+        .map(|n| photos.join(format!("{n}.jpg")).display().to_string())
+        .collect();
+    let o = run(&[
+        "embed",
+        "--images",
+        &files[0],
+        &files[1],
+        "--fr-model",
+        s(&fr),
+        "--align",
+        "--out",
+        s(&npy),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let c = idiff_studio::identity::Contexts::load(&npy, 512).unwrap();
+    assert_eq!((c.len(), c.dim), (2, 512));
+    for (k, src) in [(0, 2), (1, 0)] {
+        let d = c
+            .row(k)
+            .iter()
+            .zip(e.row(src))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(d < 1e-6, "row {k}: {d}");
+    }
+    let listed = std::fs::read_to_string(dir.path().join("e.files.txt")).unwrap();
+    assert_eq!(listed.lines().collect::<Vec<_>>(), files);
+    // The same faces through an IResNet checkpoint (the tiny parity fixture, 64-d).
+    if let (Some(w), Some(cfg)) = (
+        fixture("iresnet_tiny_backbone.pth"),
+        fixture("iresnet_tiny_config.json"),
+    ) {
+        let out64 = dir.path().join("e64.safetensors");
+        let o = run(&[
+            "embed",
+            "--images",
+            s(&photos),
+            "--fr-model",
+            s(&w),
+            "--fr-config",
+            s(&cfg),
+            "--align",
+            "--out",
+            s(&out64),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let e64 = idiff_studio::analysis::embed::Embeddings::load(&out64).unwrap();
+        assert_eq!((e64.len(), e64.dim), (4, 64));
+        for i in 0..4 {
+            let n: f32 = e64.row(i).iter().map(|v| v * v).sum();
+            assert!((n - 1.0).abs() < 1e-5);
+        }
+    }
+    // A photo without a face under --align: one line naming the file.
+    let flat = photos.join("wall.png");
+    image::RgbImage::from_pixel(200, 150, image::Rgb([90, 90, 90]))
+        .save(&flat)
+        .unwrap();
+    assert_one_line_error(
+        &run(&[
+            "embed",
+            "--images",
+            s(&photos),
+            "--fr-model",
+            s(&fr),
+            "--align",
+            "--out",
+            s(&out),
+        ]),
+        "wall.png: no face found",
+    );
+}

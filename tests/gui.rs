@@ -115,7 +115,8 @@ fn opens_without_a_model_and_explains_what_to_load() {
     h.get_by_label("Idle: load a model to start");
     h.get_by_label("Train").click();
     h.run();
-    h.get_by_label("Coming in a later release.");
+    h.get_by_label("Train a face-recognition model");
+    h.get_by_label("Start training");
 }
 
 #[test]
@@ -574,4 +575,152 @@ fn export_tab_previews_counts_and_exports_the_grid() {
     });
     h.get_by_label_contains("already exists");
     assert_eq!(RecordReader::open_dir(&out).unwrap().len(), 8);
+}
+
+/// Steps frames for `d` (the worker keeps running meanwhile).
+fn step_for(h: &mut Harness<'_, StudioApp>, d: Duration) {
+    let start = Instant::now();
+    while start.elapsed() < d {
+        h.step();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn train_tab_trains_plots_the_loss_stops_and_resumes() {
+    use idiff_studio::app::state::Tab;
+    use idiff_studio::app::views::train_tab::TrainerKind;
+    use idiff_studio::worker::train::TrainOutcome;
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("faces");
+    idiff_studio::procface::write_image_folder(&data, 0..4, 4, 32).unwrap();
+    let out = dir.path().join("run");
+    let mut h = harness([1280.0, 900.0]);
+    {
+        let st = &mut h.state_mut().state;
+        st.tab = Tab::Train;
+        let t = &mut st.train_tab;
+        t.dataset = data.display().to_string();
+        t.backbone = "1,1,1,1".into();
+        t.width = 8;
+        t.input_size = 32;
+        t.num_features = 16;
+        t.batch_size = 8;
+        t.epochs = 200;
+        t.out = out.display().to_string();
+    }
+    h.run();
+    h.get_by_label("Start training").click();
+    h.step();
+    assert!(
+        h.state().state.train_tab.is_running(),
+        "training did not start: {:?}",
+        h.state().state.train_tab.last
+    );
+    step_until(
+        &mut h,
+        Duration::from_secs(120),
+        "the first loss points",
+        |a| !a.state.train_tab.loss_points.is_empty(),
+    );
+    let first = h.state().state.train_tab.loss_points.len();
+    step_until(&mut h, Duration::from_secs(60), "more loss points", |a| {
+        a.state.train_tab.loss_points.len() > first
+    });
+    // Two epochs (two steps each) and their records.
+    step_until(&mut h, Duration::from_secs(60), "two epochs", |a| {
+        a.state.train_tab.epochs_done.len() >= 2
+    });
+    let t = &h.state().state.train_tab;
+    assert!(t.loss_points.len() > first);
+    assert_eq!(t.lr_points.len(), t.loss_points.len());
+    assert!(t.loss_points.iter().all(|p| p[1].is_finite()));
+    let info = t.info.clone().expect("Started arrived");
+    assert_eq!(
+        (info.num_images, info.num_classes, info.steps_per_epoch),
+        (16, 4, 2)
+    );
+    h.get_by_label_contains("images/s · ETA");
+    h.get_by_label("Stop training").click();
+    h.step();
+    step_until(&mut h, Duration::from_secs(60), "the stop", |a| {
+        !a.state.train_tab.is_running()
+    });
+    let t = &h.state().state.train_tab;
+    let steps = match &t.last {
+        Some(Ok(TrainOutcome::BuiltIn(s))) => {
+            assert!(!s.completed);
+            s.steps
+        }
+        other => panic!("{other:?}"),
+    };
+    assert!((4..400).contains(&steps), "{steps}");
+    println!(
+        "train tab: stopped after {steps} steps ({} loss points, last {:?})",
+        t.loss_points.len(),
+        t.last_step.as_ref().map(|s| (s.loss, s.images_per_sec))
+    );
+    assert!(t.resume, "Start should now resume");
+    assert!(out.join("latest.json").is_file(), "no checkpoint on stop");
+    h.get_by_label_contains("Stopped at step");
+
+    // Start again: the run resumes at the checkpoint and the curve continues.
+    let before = h.state().state.train_tab.loss_points.len();
+    h.get_by_label("Start training").click();
+    h.step();
+    step_until(
+        &mut h,
+        Duration::from_secs(120),
+        "the resumed run's steps",
+        |a| {
+            a.state.train_tab.loss_points.len() > before
+                && a.state
+                    .train_tab
+                    .info
+                    .as_ref()
+                    .is_some_and(|i| i.start_step > 0)
+        },
+    );
+    let info = h.state().state.train_tab.info.clone().unwrap();
+    assert!(info.resumed_from.is_some());
+    assert_eq!(info.start_step, steps);
+    h.get_by_label("Stop training").click();
+    step_until(&mut h, Duration::from_secs(60), "the second stop", |a| {
+        !a.state.train_tab.is_running()
+    });
+
+    // External trainer: the command's output streams into the log, Stop terminates it.
+    #[cfg(unix)]
+    {
+        let ext_out = dir.path().join("external");
+        {
+            let t = &mut h.state_mut().state.train_tab;
+            t.trainer = TrainerKind::External;
+            t.command = "echo start {output}; sleep 30".into();
+            t.out = ext_out.display().to_string();
+        }
+        h.run();
+        h.get_by_label("Start training").click();
+        h.step();
+        let wanted = format!("start {}", ext_out.display());
+        step_until(&mut h, Duration::from_secs(30), "the external log", |a| {
+            a.state.train_tab.log.iter().any(|(_, l)| *l == wanted)
+        });
+        assert!(h.state().state.train_tab.is_running());
+        step_for(&mut h, Duration::from_millis(100));
+        h.get_by_label(&wanted);
+        let clicked = Instant::now();
+        h.get_by_label("Stop training").click();
+        step_until(&mut h, Duration::from_secs(20), "the external stop", |a| {
+            !a.state.train_tab.is_running()
+        });
+        assert!(clicked.elapsed() < Duration::from_secs(10));
+        match &h.state().state.train_tab.last {
+            Some(Ok(TrainOutcome::External(e))) => assert!(e.stopped, "{e:?}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(ext_out.is_dir());
+        h.get_by_label("Stopped the external trainer.");
+    }
 }

@@ -26,7 +26,11 @@ fn filters(target: PickTarget) -> (&'static str, &'static [&'static str]) {
             ("Embeddings", &["safetensors", "npy", "pkl", "pt"])
         }
         PickTarget::DatasetRejects => ("Rejects / sessions", &["json"]),
-        PickTarget::DatasetSource | PickTarget::DatasetOut => ("Folders", &[]),
+        PickTarget::DatasetSource
+        | PickTarget::DatasetOut
+        | PickTarget::TrainData
+        | PickTarget::TrainOut => ("Folders", &[]),
+        PickTarget::TrainVal => ("Verification pairs", &["bin"]),
     }
 }
 
@@ -51,7 +55,9 @@ pub fn spawn_pick(target: PickTarget, start: Option<PathBuf>, events: EventSende
             dialog = dialog.set_directory(dir);
         }
         let path = match target {
-            PickTarget::DatasetSource => dialog.pick_folder(),
+            PickTarget::DatasetSource | PickTarget::TrainData | PickTarget::TrainOut => {
+                dialog.pick_folder()
+            }
             PickTarget::SaveSession | PickTarget::ExportPng | PickTarget::DatasetOut => {
                 dialog.save_file()
             }

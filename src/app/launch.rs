@@ -5,6 +5,7 @@ use super::forms::SamplerChoice;
 use super::frame_stats::FrameStats;
 use super::session::{Session, STORAGE_KEY};
 use super::StudioApp;
+use crate::pipeline::WeightPaths;
 use clap::Parser;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -103,6 +104,11 @@ pub fn run(opts: StudioArgs) -> anyhow::Result<()> {
         persist_window: !opts.fresh,
         ..Default::default()
     };
+    let builtin = if opts.unet.is_none() {
+        builtin_default_paths()
+    } else {
+        None
+    };
     eframe::run_native(
         "idiff-studio",
         native,
@@ -117,11 +123,58 @@ pub fn run(opts: StudioArgs) -> anyhow::Result<()> {
                     s.restore(&mut app.state);
                 }
             }
+            if use_builtin_default(&mut app, builtin.as_ref()) && !opts.run {
+                app.state.load_model(&app.worker);
+            }
             apply_flags(&mut app, &opts);
             Ok(Box::new(Launched::new(app, opts)))
         }),
     )
     .map_err(|e| anyhow::anyhow!("cannot open the studio window: {e}"))
+}
+
+/// The built-in default model's files (U-Net, decoder, configs; FR backbone), written once
+/// to the cache folder. Called before the window opens, so no weights are read or written on
+/// the UI thread. `None` when this binary embeds no default model.
+pub fn builtin_default_paths() -> Option<anyhow::Result<(WeightPaths, PathBuf)>> {
+    use crate::default_model::assets;
+    assets::is_embedded().then(|| {
+        let weights = assets::default_weight_paths()?;
+        let (fr, _) = assets::default_fr_paths()?;
+        Ok((weights, fr))
+    })
+}
+
+/// When no U-Net is named (no flag, nothing restored), puts the built-in default model's
+/// files into the Model panel (the FR field too, when empty). Returns whether it did; a
+/// failure to prepare them becomes an error message.
+pub fn use_builtin_default(
+    app: &mut StudioApp,
+    builtin: Option<&anyhow::Result<(WeightPaths, PathBuf)>>,
+) -> bool {
+    let m = &mut app.state.model;
+    if !m.unet.trim().is_empty() {
+        return false;
+    }
+    match builtin {
+        None => false,
+        Some(Ok((w, fr))) => {
+            let text = |p: &std::path::Path| p.display().to_string();
+            m.unet = text(&w.unet);
+            m.unet_config = w.unet_config.as_deref().map(text).unwrap_or_default();
+            m.decoder = text(&w.decoder);
+            m.decoder_config = w.decoder_config.as_deref().map(text).unwrap_or_default();
+            if m.fr_model.trim().is_empty() {
+                m.fr_model = text(fr);
+            }
+            app.state.notice = Some("loading the built-in default model (ProcFace)".into());
+            true
+        }
+        Some(Err(e)) => {
+            app.state.error = Some(format!("built-in default model: {e:#}"));
+            false
+        }
+    }
 }
 
 /// Puts the command-line choices into the state.

@@ -159,7 +159,7 @@ impl StudioApp {
                 Tab::Generate => views::generate_tab::show(ui, &mut self.state, &mut cx),
                 Tab::Analyze => views::analyze_tab::show(ui, &mut self.state, &mut cx),
                 Tab::Export => views::export_tab::show(ui, &mut self.state, &mut cx),
-                other => views::placeholder(ui, other),
+                Tab::Train => views::train_tab::show(ui, &mut self.state, &mut cx),
             });
         self.thumb_size = cx.thumb_size;
         for (target, start) in std::mem::take(&mut cx.picks) {
@@ -203,5 +203,17 @@ impl eframe::App for StudioApp {
 
     fn on_exit(&mut self) {
         self.state.cancel();
+        self.state.train_tab.stop();
+        // Give a stopped run a moment to checkpoint, or an external trainer to receive its
+        // SIGTERM, before the process exits.
+        let deadline = Instant::now() + std::time::Duration::from_secs(3);
+        while self.state.train_tab.is_running() && Instant::now() < deadline {
+            if let Some(e) = self
+                .worker
+                .recv_timeout(std::time::Duration::from_millis(50))
+            {
+                self.state.apply(e);
+            }
+        }
     }
 }

@@ -23,11 +23,11 @@ pub enum Tab {
     /// Sample and curate.
     #[default]
     Generate,
-    /// Measure (later issue).
+    /// Measure.
     Analyze,
-    /// Write datasets (later issue).
+    /// Curate and write datasets.
     Export,
-    /// Train FR models (later issue).
+    /// Train FR models.
     Train,
 }
 
@@ -143,6 +143,8 @@ pub struct AppState {
     pub analyze: super::views::analyze_tab::AnalyzeState,
     /// The Export tab's rules, preview and export progress.
     pub export_tab: super::views::export_tab::ExportTabState,
+    /// The Train tab's settings, curves and run.
+    pub train_tab: super::views::train_tab::TrainTabState,
     next_job: u64,
 }
 
@@ -175,6 +177,7 @@ impl Default for AppState {
             exporting: false,
             analyze: Default::default(),
             export_tab: Default::default(),
+            train_tab: Default::default(),
             next_job: 1,
         }
     }
@@ -432,6 +435,21 @@ impl AppState {
         }
     }
 
+    /// Random identities drawn for another context width (e.g. 512 before a 64-d model was
+    /// loaded) are redrawn from the same seed for the loaded model's width.
+    fn fit_random_identities_to_model(&mut self) {
+        let dim = self.context_dim();
+        let f = &self.identity_form;
+        if f.kind != IdentitySourceKind::Random
+            || self.identities.iter().all(|i| i.context.len() == dim)
+        {
+            return;
+        }
+        if let Ok(ids) = random_identities(f.seed, f.first, self.identities.len().max(1), dim) {
+            self.identities = ids;
+        }
+    }
+
     fn set_identities(&mut self, ids: Vec<IdentityEntry>) {
         self.identities = ids;
         self.notice = Some(format!("{} identities in the list", self.identities.len()));
@@ -496,6 +514,9 @@ impl AppState {
             e @ (Event::CurationPreview { .. }
             | Event::DatasetExportProgress { .. }
             | Event::DatasetExportFinished { .. }) => self.export_tab.apply(e),
+            e @ (Event::TrainProgress { .. }
+            | Event::TrainLog { .. }
+            | Event::TrainFinished { .. }) => self.train_tab.apply(e),
             Event::ModelLoaded(info) => {
                 self.busy = Busy::Idle;
                 self.model_error = None;
@@ -506,6 +527,7 @@ impl AppState {
                     info.load_seconds
                 ));
                 self.model_status = ModelStatus::Loaded(info);
+                self.fit_random_identities_to_model();
             }
             Event::JobStarted { .. } => {}
             Event::Progress(p) if is_current(p.job) => self.progress = Some(p),
@@ -606,6 +628,9 @@ impl AppState {
             | PickTarget::DatasetRejects
             | PickTarget::DatasetReference
             | PickTarget::DatasetOut) => self.export_tab.fill_path(t, path),
+            t @ (PickTarget::TrainData | PickTarget::TrainVal | PickTarget::TrainOut) => {
+                self.train_tab.fill_path(t, path)
+            }
             PickTarget::OpenSession => {
                 self.session_path = text;
                 self.open_session();

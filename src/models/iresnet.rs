@@ -163,7 +163,7 @@ impl IResNetConfig {
         if self.width == 0 {
             candle_core::bail!("IResNet config: width must be positive");
         }
-        if self.input_size < 16 || self.input_size % 16 != 0 {
+        if self.input_size < 16 || !self.input_size.is_multiple_of(16) {
             candle_core::bail!(
                 "IResNet config: input_size must be a positive multiple of 16, got {}",
                 self.input_size

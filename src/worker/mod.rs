@@ -11,6 +11,7 @@ pub mod job;
 pub mod model;
 pub mod protocol;
 mod thread;
+pub mod train;
 
 pub use protocol::{
     Command, Event, Job, JobCell, JobKind, LoadRequest, ModelInfo, PickTarget, Progress,

@@ -107,6 +107,9 @@ pub enum Command {
     Run(Job),
     /// Embed images with an FR model and analyse them (see [`super::analyze`]).
     Analyze(super::analyze::AnalyzeRequest),
+    /// Train a face-recognition model (built-in or external trainer) on a thread of its
+    /// own (see [`super::train`]); the worker stays free for other commands.
+    Train(super::train::TrainRequest),
     /// Panic on the worker thread (used by tests of the panic guard).
     #[doc(hidden)]
     Panic,
@@ -250,6 +253,27 @@ pub enum Event {
         /// The result.
         result: Result<Option<crate::dataset::export::ExportSummary>, String>,
     },
+    /// A built-in training run `id` reported progress.
+    TrainProgress {
+        /// Request id.
+        id: u64,
+        /// What happened.
+        event: crate::train::run::TrainEvent,
+    },
+    /// A line of an external trainer's output (run `id`).
+    TrainLog {
+        /// Request id.
+        id: u64,
+        /// The line.
+        line: super::train::LogLine,
+    },
+    /// Training run `id` ended: how, or a one-line error (terminal).
+    TrainFinished {
+        /// Request id.
+        id: u64,
+        /// The result.
+        result: Result<super::train::TrainOutcome, String>,
+    },
     /// A background file dialog returned (None = dismissed or unavailable).
     FilePicked {
         /// Which field asked.
@@ -269,6 +293,7 @@ impl Event {
                 | Self::Cancelled { .. }
                 | Self::Error(_)
                 | Self::AnalysisFinished { .. }
+                | Self::TrainFinished { .. }
         )
     }
 }
@@ -315,4 +340,10 @@ pub enum PickTarget {
     DatasetReference,
     /// Export tab: the destination folder.
     DatasetOut,
+    /// Train tab: the training data (ImageFolder or RecordIO folder).
+    TrainData,
+    /// Train tab: the validation `.bin`.
+    TrainVal,
+    /// Train tab: the output folder.
+    TrainOut,
 }

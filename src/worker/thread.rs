@@ -63,6 +63,7 @@ fn handle(pipeline: &mut Option<Pipeline>, command: Command, events: &EventSende
             }
         }
         Command::Analyze(req) => super::analyze::run(&req, events),
+        Command::Train(req) => super::train::spawn(req, events.clone()),
         Command::Panic => panic!("panic requested by a test"),
         Command::Shutdown => {}
     }

@@ -9,6 +9,7 @@ pub mod model_panel;
 pub mod sampling_panel;
 pub mod status_bar;
 pub mod thumb;
+pub mod train_tab;
 pub mod widgets;
 pub mod zoom_view;
 
@@ -103,33 +104,5 @@ pub fn top_bar(ui: &mut Ui, state: &mut AppState) {
             let text = RichText::new(tab.title()).size(14.0);
             ui.selectable_value(&mut state.tab, tab, text);
         }
-    });
-}
-
-/// Placeholder of a tab that a later issue fills.
-pub fn placeholder(ui: &mut Ui, tab: Tab) {
-    let note = match tab {
-        Tab::Analyze => {
-            "Analyze will measure the grid with a face-recognition model: intra-class \
-                         similarity, separability (EER, FMR/FNMR), histograms per identity."
-        }
-        Tab::Export => {
-            "Export will write the curated grid (rejects left out) as an ImageFolder or \
-                        MXNet RecordIO dataset with a manifest."
-        }
-        Tab::Train => {
-            "Train will fit an FR model (IResNet + ArcFace/CosFace) on exported synthetic \
-                       identities and report verification accuracy."
-        }
-        Tab::Generate => "",
-    };
-    ui.add_space(40.0);
-    ui.vertical_centered(|ui| {
-        ui.set_max_width(520.0);
-        ui.heading(tab.title());
-        ui.add_space(6.0);
-        ui.label(RichText::new("Coming in a later release.").color(super::style::WARN));
-        ui.add_space(4.0);
-        ui.label(note);
     });
 }

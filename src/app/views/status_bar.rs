@@ -43,6 +43,10 @@ pub fn show(ui: &mut Ui, state: &AppState, cx: &ViewCtx) {
                 ),
                 None => ui.label(RichText::new("no model").small().color(style::WARN)),
             };
+            if let Some(t) = super::train_tab::badge(&state.train_tab) {
+                ui.separator();
+                ui.label(RichText::new(t).small().color(style::ACCENT));
+            }
             if let Some(g) = &state.grid {
                 ui.separator();
                 ui.label(
