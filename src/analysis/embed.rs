@@ -178,21 +178,42 @@ pub fn preprocess(img: &RgbImage, size: usize) -> Result<Vec<f32>> {
     resize_bilinear(&planar, 3, (h, w), (size, size))
 }
 
+/// The network behind an [`FrModel`].
+#[derive(Debug, Clone)]
+enum Backbone {
+    /// IResNet weights run by candle.
+    IResNet(IResNet),
+    /// An ONNX recognizer run by tract (its descriptor sets size and normalisation).
+    Onnx(Box<crate::onnx::fr::OnnxFrModel>),
+}
+
 /// A loaded face-recognition backbone plus the facts the cache needs.
 #[derive(Debug, Clone)]
 pub struct FrModel {
-    model: IResNet,
+    model: Backbone,
     sha256: String,
     device: Device,
 }
 
 impl FrModel {
-    /// Loads IResNet weights (`.pth` / `.pt` torch zip or safetensors). Without a config
-    /// file the architecture (blocks per stage, embedding width) is read off the weights.
+    /// Loads IResNet weights (`.pth` / `.pt` torch zip or safetensors) or an ONNX recognizer
+    /// (`.onnx`, with its optional descriptor `<model>.json`). Without a config file the
+    /// IResNet architecture (blocks per stage, widths, input size) is read off the weights.
     ///
     /// # Errors
     /// When the file cannot be read or does not match the architecture.
     pub fn load(weights: &Path, config: Option<&Path>, device: &Device) -> Result<Self> {
+        if weights
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("onnx"))
+        {
+            let model = crate::onnx::fr::OnnxFrModel::load(weights)?;
+            return Ok(Self {
+                sha256: model.sha256().to_owned(),
+                model: Backbone::Onnx(Box::new(model)),
+                device: device.clone(),
+            });
+        }
         let sha256 = crate::pipeline::sha256_file(weights)?;
         let mut state = load_state_dict(weights)?.strip_prefix("module.");
         state
@@ -204,7 +225,7 @@ impl FrModel {
         };
         let model = build_checked(&state, DType::F32, device, |vb| IResNet::new(vb, &cfg))?;
         Ok(Self {
-            model,
+            model: Backbone::IResNet(model),
             sha256,
             device: device.clone(),
         })
@@ -217,30 +238,80 @@ impl FrModel {
 
     /// Embedding width.
     pub fn dim(&self) -> usize {
-        self.model.config().num_features
+        match &self.model {
+            Backbone::IResNet(m) => m.config().num_features,
+            Backbone::Onnx(m) => m.dim(),
+        }
     }
 
-    /// Side length of the model's square input.
-    pub fn input_size(&self) -> usize {
-        self.model.input_size()
+    /// Input `(height, width)` of the model.
+    pub fn input_hw(&self) -> (usize, usize) {
+        match &self.model {
+            Backbone::IResNet(m) => (m.input_size(), m.input_size()),
+            Backbone::Onnx(m) => (m.descriptor().input_size[0], m.descriptor().input_size[1]),
+        }
     }
 
-    /// L2-normalised embeddings of `n` planar `3 × input_size × input_size` inputs, row-major `n × dim`.
+    /// The model's planar `3 × H × W` input for an RGB image of any size (bilinear resize;
+    /// [-1, 1] for IResNet, the descriptor's channel order and mean/std for ONNX models).
+    ///
+    /// # Errors
+    /// When the image is empty.
+    pub fn preprocess(&self, img: &RgbImage) -> Result<Vec<f32>> {
+        match &self.model {
+            Backbone::IResNet(m) => preprocess(img, m.input_size()),
+            Backbone::Onnx(m) => m.descriptor().preprocess(img),
+        }
+    }
+
+    /// L2-normalised embeddings of `n` inputs from [`FrModel::preprocess`], row-major
+    /// `n × dim`; `flip` embeds `f(x) + f(flip(x))`.
     ///
     /// # Errors
     /// On a shape mismatch or a failing forward pass.
     pub fn embed(&self, inputs: Vec<f32>, n: usize, flip: bool) -> Result<Vec<f32>> {
-        let size = self.input_size();
-        let x = Tensor::from_vec(inputs, (n, 3, size, size), &self.device)?;
-        let raw = if flip {
-            self.model.embed_flip_sum(&x)?
-        } else {
-            self.model.forward(&x)?
-        };
-        Ok(normalise(&raw)?
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1()?)
+        let (h, w) = self.input_hw();
+        match &self.model {
+            Backbone::IResNet(m) => {
+                let x = Tensor::from_vec(inputs, (n, 3, h, w), &self.device)?;
+                let raw = if flip {
+                    m.embed_flip_sum(&x)?
+                } else {
+                    m.forward(&x)?
+                };
+                Ok(normalise(&raw)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?)
+            }
+            Backbone::Onnx(m) => {
+                let per = 3 * h * w;
+                anyhow::ensure!(
+                    inputs.len() == n * per,
+                    "{} inputs of {per} values expected, got {} values",
+                    n,
+                    inputs.len()
+                );
+                let mut out = Vec::with_capacity(n * m.dim());
+                for x in inputs.chunks_exact(per) {
+                    let mut raw = m.forward_raw(x)?;
+                    if flip {
+                        let flipped: Vec<f32> = x
+                            .chunks_exact(w)
+                            .flat_map(|row| row.iter().rev().copied())
+                            .collect();
+                        for (r, f) in raw.iter_mut().zip(m.forward_raw(&flipped)?) {
+                            *r += f;
+                        }
+                    }
+                    let e = crate::onnx::fr::l2_normalised(raw).ok_or_else(|| {
+                        anyhow!("{}: zero or non-finite embedding", m.path().display())
+                    })?;
+                    out.extend(e);
+                }
+                Ok(out)
+            }
+        }
     }
 }
 
@@ -601,7 +672,7 @@ pub fn embed_folder(
         }
         let inputs: Vec<Vec<f32>> = batch
             .par_iter()
-            .map(|&i| load_input(&root.join(&folder.files[i]), model.input_size()))
+            .map(|&i| load_input(&root.join(&folder.files[i]), model))
             .collect::<Result<_>>()?;
         let emb = model.embed(inputs.concat(), batch.len(), opts.flip)?;
         for (row, &i) in emb.chunks_exact(dim).zip(batch) {
@@ -652,7 +723,7 @@ pub fn embed_images(
         }
         let inputs: Vec<Vec<f32>> = batch
             .par_iter()
-            .map(|img| preprocess(img, model.input_size()))
+            .map(|img| model.preprocess(img))
             .collect::<Result<_>>()?;
         out.extend(model.embed(inputs.concat(), batch.len(), flip)?);
         progress(out.len() / model.dim());
@@ -660,10 +731,12 @@ pub fn embed_images(
     Ok(out)
 }
 
-fn load_input(path: &Path, size: usize) -> Result<Vec<f32>> {
+fn load_input(path: &Path, model: &FrModel) -> Result<Vec<f32>> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let img = crate::dataset::decode_rgb(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-    preprocess(&img, size).map_err(|e| anyhow!("{}: {e}", path.display()))
+    model
+        .preprocess(&img)
+        .map_err(|e| anyhow!("{}: {e}", path.display()))
 }
 
 /// SHA-256 of (canonical path, mtime in ns, size, model hash, flip flag).

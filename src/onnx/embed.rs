@@ -10,7 +10,7 @@ use image::RgbImage;
 
 use super::detect::FaceDetector;
 use super::fr::OnnxFrModel;
-use crate::analysis::embed::{preprocess, Embeddings, FrModel};
+use crate::analysis::embed::{Embeddings, FrModel};
 
 /// Arguments of `embed`.
 #[derive(Debug, Args)]
@@ -65,7 +65,7 @@ impl AnyFr {
     fn embed(&self, img: &RgbImage) -> Result<Vec<f32>> {
         match self {
             Self::Onnx(m) => m.embed(img),
-            Self::IResNet(m) => m.embed(preprocess(img, m.input_size())?, 1, false),
+            Self::IResNet(m) => m.embed(m.preprocess(img)?, 1, false),
         }
     }
 }

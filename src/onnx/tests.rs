@@ -269,3 +269,41 @@ fn onnx_face_pipeline_from_cache_dir_gives_one_face_of_a_portrait() {
         .to_string();
     assert_one_line(&err, &["/nonexistent/face.jpg", "cannot read image"]);
 }
+
+/// The analysis code's `FrModel` runs ONNX recognizers: the same embedding as
+/// `OnnxFrModel::embed`, batched, and the flip-sum variant through `embed_images`.
+#[test]
+fn onnx_model_is_usable_as_the_analysis_fr_model() {
+    let Some(p) = cached_model_file(FR_MODEL_FILE) else {
+        return;
+    };
+    let onnx = OnnxFrModel::load(&p).unwrap();
+    let fr = crate::analysis::embed::FrModel::load(&p, None, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(fr.dim(), 512);
+    assert_eq!(fr.input_hw(), (112, 112));
+    assert_eq!(fr.sha256(), onnx.sha256());
+    let a = pattern_112();
+    let b = image::imageops::flip_horizontal(&a);
+    let inputs = [fr.preprocess(&a).unwrap(), fr.preprocess(&b).unwrap()].concat();
+    let rows = fr.embed(inputs, 2, false).unwrap();
+    for (row, img) in rows.chunks_exact(512).zip([&a, &b]) {
+        let want = onnx.embed(img).unwrap();
+        let diff = row
+            .iter()
+            .zip(&want)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-6, "{diff}");
+    }
+    // f(x) + f(flip(x)) is the same for an image and its mirror image.
+    let flip =
+        crate::analysis::embed::embed_images(&fr, &[&a, &b], true, 8, &mut |_| {}, None).unwrap();
+    let diff = flip[..512]
+        .iter()
+        .zip(&flip[512..])
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(diff < 1e-5, "{diff}");
+    let norm: f32 = flip[..512].iter().map(|v| v * v).sum::<f32>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-4, "{norm}");
+}
