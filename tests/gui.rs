@@ -724,3 +724,74 @@ fn train_tab_trains_plots_the_loss_stops_and_resumes() {
         h.get_by_label("Stopped the external trainer.");
     }
 }
+
+#[test]
+fn identity_from_a_face_photo_uses_the_detected_face_embedding() {
+    use idiff_studio::onnx::photo::FacePipeline;
+    use idiff_studio::onnx::{cached_model_file, models_dir};
+    let _g = serial();
+    // Skips with a note when the model cache is absent; fails under CI=true.
+    let (Some(photo), Some(_), Some(_), Some(_)) = (
+        cached_model_file("photos/obama.jpg"),
+        cached_model_file(idiff_studio::onnx::DETECTOR_FILE),
+        cached_model_file(idiff_studio::onnx::LANDMARK_FILE),
+        cached_model_file(idiff_studio::onnx::FR_MODEL_FILE),
+    ) else {
+        return;
+    };
+    let mut h = harness([1280.0, 1000.0]);
+    h.run();
+    let before = h.state().state.identities.len();
+    h.get_by_label("From a face photo").click();
+    h.run();
+    assert_eq!(
+        h.state().state.identity_form.models_dir,
+        models_dir().display().to_string(),
+        "the models folder defaults to the cache"
+    );
+    h.state_mut().state.identity_form.photo = photo.display().to_string();
+    h.run();
+    h.get_by_label("Detect faces").click();
+    h.step();
+    assert!(
+        h.state().state.photo_faces.running.is_some(),
+        "detection did not start"
+    );
+    step_until(
+        &mut h,
+        Duration::from_secs(240),
+        "the detected faces",
+        |a| a.state.photo_faces.running.is_none(),
+    );
+    let p = &h.state().state.photo_faces;
+    assert!(p.error.is_none(), "{:?}", p.error);
+    assert_eq!(p.result.as_ref().expect("faces").1.faces.len(), 1);
+    h.get_by_label_contains("1 face(s) in obama.jpg");
+    h.get_by_label("Use face 0").click();
+    h.run();
+    let s = &h.state().state;
+    assert!(s.photo_faces.error.is_none(), "{:?}", s.photo_faces.error);
+    assert_eq!(s.identities.len(), before + 1);
+    let id = s.identities.last().unwrap();
+    assert_eq!(id.name, "obama.jpg · face 0");
+    assert_eq!(id.context.len(), 512);
+    let norm = id.context.iter().map(|x| x * x).sum::<f32>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-4, "norm {norm}");
+    let direct = FacePipeline::from_dir(&models_dir())
+        .unwrap()
+        .faces_in_file(&photo)
+        .unwrap();
+    assert_eq!(direct.len(), 1);
+    let diff = direct[0]
+        .embedding
+        .iter()
+        .zip(id.context.iter())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        diff < 1e-5,
+        "context differs from the direct embedding by {diff}"
+    );
+    // The panel counts the new identity.
+    h.get_by_label(&format!("{} identities", before + 1));
+}

@@ -182,7 +182,7 @@ pub fn preprocess(img: &RgbImage, size: usize) -> Result<Vec<f32>> {
 #[derive(Debug, Clone)]
 enum Backbone {
     /// IResNet weights run by candle.
-    IResNet(IResNet),
+    IResNet(Box<IResNet>),
     /// An ONNX recognizer run by tract (its descriptor sets size and normalisation).
     Onnx(Box<crate::onnx::fr::OnnxFrModel>),
 }
@@ -225,7 +225,7 @@ impl FrModel {
         };
         let model = build_checked(&state, DType::F32, device, |vb| IResNet::new(vb, &cfg))?;
         Ok(Self {
-            model: Backbone::IResNet(model),
+            model: Backbone::IResNet(Box::new(model)),
             sha256,
             device: device.clone(),
         })

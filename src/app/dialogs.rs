@@ -31,6 +31,8 @@ fn filters(target: PickTarget) -> (&'static str, &'static [&'static str]) {
         | PickTarget::TrainData
         | PickTarget::TrainOut => ("Folders", &[]),
         PickTarget::TrainVal => ("Verification pairs", &["bin"]),
+        PickTarget::Photo => ("Images", &["jpg", "jpeg", "png", "bmp", "webp"]),
+        PickTarget::ModelsDir => ("Folders", &[]),
     }
 }
 
@@ -55,9 +57,10 @@ pub fn spawn_pick(target: PickTarget, start: Option<PathBuf>, events: EventSende
             dialog = dialog.set_directory(dir);
         }
         let path = match target {
-            PickTarget::DatasetSource | PickTarget::TrainData | PickTarget::TrainOut => {
-                dialog.pick_folder()
-            }
+            PickTarget::DatasetSource
+            | PickTarget::TrainData
+            | PickTarget::TrainOut
+            | PickTarget::ModelsDir => dialog.pick_folder(),
             PickTarget::SaveSession | PickTarget::ExportPng | PickTarget::DatasetOut => {
                 dialog.save_file()
             }

@@ -87,6 +87,8 @@ pub enum IdentitySourceKind {
     File,
     /// Spherical interpolation between two identities of the current list.
     Interpolate,
+    /// The face-recognition embedding of a face detected in a photo.
+    Photo,
 }
 
 /// The Identities panel's fields.
@@ -112,6 +114,12 @@ pub struct IdentityForm {
     /// Give every interpolated identity the first endpoint's noise, so only the identity
     /// changes along the row.
     pub shared_noise: bool,
+    /// Photo whose faces become identities.
+    pub photo: String,
+    /// Folder holding the ONNX detector, landmark and recognition models.
+    pub models_dir: String,
+    /// A face from a photo replaces the list instead of being appended to it.
+    pub photo_replace: bool,
 }
 
 impl Default for IdentityForm {
@@ -126,6 +134,9 @@ impl Default for IdentityForm {
             to: 1,
             steps: 6,
             shared_noise: true,
+            photo: String::new(),
+            models_dir: crate::onnx::models_dir().display().to_string(),
+            photo_replace: false,
         }
     }
 }

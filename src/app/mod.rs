@@ -9,6 +9,7 @@ pub mod grid;
 pub mod identities;
 pub mod keys;
 pub mod launch;
+pub mod photo_faces;
 pub mod session;
 pub mod state;
 pub mod style;

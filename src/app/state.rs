@@ -145,6 +145,8 @@ pub struct AppState {
     pub export_tab: super::views::export_tab::ExportTabState,
     /// The Train tab's settings, curves and run.
     pub train_tab: super::views::train_tab::TrainTabState,
+    /// The Identities panel's face picker ("identity from a photo").
+    pub photo_faces: super::photo_faces::PhotoFacesState,
     next_job: u64,
 }
 
@@ -178,6 +180,7 @@ impl Default for AppState {
             analyze: Default::default(),
             export_tab: Default::default(),
             train_tab: Default::default(),
+            photo_faces: Default::default(),
             next_job: 1,
         }
     }
@@ -419,6 +422,10 @@ impl AppState {
                 );
                 return;
             }
+            IdentitySourceKind::Photo => {
+                self.detect_faces(worker);
+                return;
+            }
             IdentitySourceKind::Interpolate => {
                 match (self.identities.get(f.from), self.identities.get(f.to)) {
                     (Some(a), Some(b)) => interpolate(a, b, f.steps, f.shared_noise),
@@ -517,6 +524,7 @@ impl AppState {
             e @ (Event::TrainProgress { .. }
             | Event::TrainLog { .. }
             | Event::TrainFinished { .. }) => self.train_tab.apply(e),
+            e @ Event::FacesDetected { .. } => self.photo_faces.apply(e),
             Event::ModelLoaded(info) => {
                 self.busy = Busy::Idle;
                 self.model_error = None;
@@ -622,6 +630,8 @@ impl AppState {
             PickTarget::DecoderConfig => self.model.decoder_config = text,
             PickTarget::FrModel => self.model.fr_model = text,
             PickTarget::Contexts => self.identity_form.file = text,
+            PickTarget::Photo => self.identity_form.photo = text,
+            PickTarget::ModelsDir => self.identity_form.models_dir = text,
             PickTarget::ExportPng => self.export_path = text,
             t @ (PickTarget::DatasetSource
             | PickTarget::DatasetEmbeddings

@@ -1,7 +1,8 @@
-//! Short background tasks that must not run on the UI thread: PNG export and reading
-//! identity context files. Each runs on its own thread and reports one event.
+//! Short background tasks that must not run on the UI thread: PNG export, reading
+//! identity context files and detecting the faces of a photo. Each runs on its own thread
+//! and reports one event.
 
-use super::protocol::{Event, LoadedContexts};
+use super::protocol::{DetectedPhoto, Event, LoadedContexts, PhotoFaceInfo};
 use super::EventSender;
 use crate::generate::compose_grid;
 use crate::identity::Contexts;
@@ -47,4 +48,53 @@ pub fn spawn_load_contexts(path: PathBuf, dim: usize, events: EventSender) {
             .map_err(|e| format!("{e:#}"));
         events.send(Event::ContextsLoaded(result));
     });
+}
+
+/// Loads the ONNX face pipeline from `models_dir` and detects, aligns and embeds every face
+/// of `photo`, reporting [`Event::FacesDetected`] with request id `id`.
+pub fn spawn_detect_faces(id: u64, photo: PathBuf, models_dir: PathBuf, events: EventSender) {
+    std::thread::spawn(move || {
+        let result = std::panic::catch_unwind(|| detect_faces(&photo, &models_dir))
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("internal error while detecting faces")))
+            .map_err(|e| one_line(&format!("{e:#}")));
+        events.send(Event::FacesDetected { id, result });
+    });
+}
+
+/// Detects the faces of `photo` with the models of `models_dir` (used by
+/// [`spawn_detect_faces`]).
+///
+/// # Errors
+/// A missing models folder or model file, an unreadable photo, no face found.
+pub fn detect_faces(photo: &Path, models_dir: &Path) -> anyhow::Result<DetectedPhoto> {
+    anyhow::ensure!(
+        models_dir.is_dir(),
+        "models folder {} not found (run scripts/fetch-models.sh or choose the folder holding \
+         {}, {} and {})",
+        models_dir.display(),
+        crate::onnx::DETECTOR_FILE,
+        crate::onnx::LANDMARK_FILE,
+        crate::onnx::FR_MODEL_FILE
+    );
+    anyhow::ensure!(photo.is_file(), "photo {} not found", photo.display());
+    let pipeline = crate::onnx::photo::FacePipeline::from_dir(models_dir)?;
+    let faces = pipeline
+        .faces_in_file(photo)?
+        .into_iter()
+        .map(|f| PhotoFaceInfo {
+            crop: Arc::new(f.aligned),
+            embedding: Arc::new(f.embedding),
+            score: f.face.score,
+            residual: f.residual,
+        })
+        .collect::<Vec<_>>();
+    anyhow::ensure!(!faces.is_empty(), "{}: no face found", photo.display());
+    Ok(DetectedPhoto {
+        path: photo.to_path_buf(),
+        faces,
+    })
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }

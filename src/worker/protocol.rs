@@ -232,6 +232,14 @@ pub enum Event {
     Exported(Result<PathBuf, String>),
     /// A background context-file load finished.
     ContextsLoaded(Result<LoadedContexts, String>),
+    /// Face detection `id` on a photo (Identities panel) finished: the faces or a one-line
+    /// error.
+    FacesDetected {
+        /// Request id.
+        id: u64,
+        /// The detected faces.
+        result: Result<DetectedPhoto, String>,
+    },
     /// Curation preview `id` of the Export tab: counts per rule, or a one-line error.
     CurationPreview {
         /// Request id.
@@ -309,6 +317,28 @@ pub struct LoadedContexts {
     pub rows: Vec<Vec<f32>>,
 }
 
+/// One face of a photo, detected, aligned and embedded by a background thread.
+#[derive(Debug, Clone)]
+pub struct PhotoFaceInfo {
+    /// The aligned 112 × 112 crop (the thumbnail of the face picker).
+    pub crop: Arc<RgbImage>,
+    /// L2-normalised face-recognition embedding of the crop.
+    pub embedding: Arc<Vec<f32>>,
+    /// Detector score in `[0, 1]`.
+    pub score: f32,
+    /// RMS 5-point alignment residual, template pixels.
+    pub residual: f64,
+}
+
+/// The faces of one photo, best detector score first.
+#[derive(Debug, Clone)]
+pub struct DetectedPhoto {
+    /// The photo.
+    pub path: PathBuf,
+    /// Its faces (never empty).
+    pub faces: Vec<PhotoFaceInfo>,
+}
+
 /// Which path field a file dialog fills.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PickTarget {
@@ -346,4 +376,8 @@ pub enum PickTarget {
     TrainVal,
     /// Train tab: the output folder.
     TrainOut,
+    /// Identities panel: a photo whose faces become identities.
+    Photo,
+    /// Identities panel: the folder of the ONNX face models.
+    ModelsDir,
 }

@@ -1,4 +1,5 @@
-//! The Identities panel: random identities, a context file or an interpolation; the list.
+//! The Identities panel: random identities, a context file, an interpolation or a face
+//! from a photo; the list.
 
 use super::widgets::{caption, path_field};
 use super::ViewCtx;
@@ -7,6 +8,7 @@ use crate::app::state::AppState;
 use crate::app::style;
 use crate::worker::PickTarget;
 use egui::{RichText, Ui};
+use std::path::PathBuf;
 
 /// Draws the Identities panel.
 pub fn show(ui: &mut Ui, state: &mut AppState, cx: &mut ViewCtx) {
@@ -16,6 +18,7 @@ pub fn show(ui: &mut Ui, state: &mut AppState, cx: &mut ViewCtx) {
         ui.selectable_value(&mut f.kind, IdentitySourceKind::File, "File");
         ui.selectable_value(&mut f.kind, IdentitySourceKind::Interpolate, "Interpolate");
     });
+    ui.selectable_value(&mut f.kind, IdentitySourceKind::Photo, "From a face photo");
     ui.add_space(2.0);
     match f.kind {
         IdentitySourceKind::Random => {
@@ -90,6 +93,11 @@ pub fn show(ui: &mut Ui, state: &mut AppState, cx: &mut ViewCtx) {
             ui.checkbox(&mut f.shared_noise, "Same noise along the path");
             caption(ui, "slerp between two rows of the current list");
         }
+        IdentitySourceKind::Photo => {
+            photo_source(ui, state, cx);
+            list(ui, state);
+            return;
+        }
     }
     ui.add_space(2.0);
     ui.horizontal(|ui| {
@@ -105,6 +113,133 @@ pub fn show(ui: &mut Ui, state: &mut AppState, cx: &mut ViewCtx) {
         );
     });
     list(ui, state);
+}
+
+/// Thumbnail textures of one detection, uploaded once and kept in egui's memory.
+#[derive(Clone)]
+struct FaceTextures {
+    detection: u64,
+    textures: Vec<egui::TextureHandle>,
+}
+
+/// The "From a face photo" source: photo and models folder, Detect faces, the face picker.
+fn photo_source(ui: &mut Ui, state: &mut AppState, cx: &mut ViewCtx) {
+    let f = &mut state.identity_form;
+    if let Some(t) = path_field(
+        ui,
+        "Photo (JPEG, PNG)",
+        &mut f.photo,
+        "portrait.jpg",
+        PickTarget::Photo,
+        cx.dialogs_ok,
+    ) {
+        let start = (!f.photo.is_empty()).then(|| f.photo.clone().into());
+        cx.pick(t, start);
+    }
+    if let Some(t) = path_field(
+        ui,
+        "Models folder (fr_detect, fr_landmark, fr_feature .onnx)",
+        &mut f.models_dir,
+        "~/.cache/idiff-studio/models",
+        PickTarget::ModelsDir,
+        cx.dialogs_ok,
+    ) {
+        let start = (!f.models_dir.is_empty()).then(|| PathBuf::from(&f.models_dir).join("x"));
+        cx.pick(t, start);
+    }
+    ui.checkbox(&mut f.photo_replace, "Replace the list");
+    ui.horizontal(|ui| {
+        let busy = state.photo_faces.running.is_some();
+        if ui
+            .add_enabled(!busy, egui::Button::new("Detect faces"))
+            .clicked()
+        {
+            state.detect_faces(cx.worker);
+        }
+        if busy {
+            ui.spinner();
+        }
+        ui.label(
+            RichText::new(format!("{} identities", state.identities.len())).color(style::MUTED),
+        );
+    });
+    if let Some(e) = &state.photo_faces.error {
+        ui.label(RichText::new(e).color(style::DANGER));
+    }
+    let Some((detection, photo)) = &state.photo_faces.result else {
+        caption(ui, "detect the faces of a photo, then pick one");
+        return;
+    };
+    let id = egui::Id::unique("photo_face_textures");
+    let cached = ui
+        .ctx()
+        .data(|d| d.get_temp::<FaceTextures>(id))
+        .filter(|t| t.detection == *detection);
+    let textures = cached.unwrap_or_else(|| {
+        let textures = photo
+            .faces
+            .iter()
+            .enumerate()
+            .map(|(k, face)| {
+                let (w, h) = face.crop.dimensions();
+                let image =
+                    egui::ColorImage::from_rgb([w as usize, h as usize], face.crop.as_raw());
+                ui.ctx().load_texture(
+                    format!("photo-face-{detection}-{k}"),
+                    image,
+                    egui::TextureOptions::LINEAR,
+                )
+            })
+            .collect();
+        let t = FaceTextures {
+            detection: *detection,
+            textures,
+        };
+        ui.ctx().data_mut(|d| d.insert_temp(id, t.clone()));
+        t
+    });
+    caption(
+        ui,
+        &format!(
+            "{} face(s) in {}; click one to use it",
+            photo.faces.len(),
+            photo.path.file_name().map_or_else(
+                || photo.path.display().to_string(),
+                |n| n.to_string_lossy().into_owned()
+            )
+        ),
+    );
+    let mut chosen = None;
+    ui.horizontal_wrapped(|ui| {
+        for (k, (face, tex)) in photo.faces.iter().zip(&textures.textures).enumerate() {
+            ui.vertical(|ui| {
+                let image = egui::Image::new(egui::load::SizedTexture::new(
+                    tex.id(),
+                    egui::vec2(64.0, 64.0),
+                ))
+                .corner_radius(3)
+                .sense(egui::Sense::click());
+                let resp = ui.add(image).on_hover_text(format!(
+                    "face {k}: score {:.2}, alignment residual {:.1} px",
+                    face.score, face.residual
+                ));
+                if resp.clicked() {
+                    chosen = Some(k);
+                }
+                if ui.small_button(format!("Use face {k}")).clicked() {
+                    chosen = Some(k);
+                }
+                ui.label(
+                    RichText::new(format!("score {:.2}", face.score))
+                        .small()
+                        .color(style::MUTED),
+                );
+            });
+        }
+    });
+    if let Some(k) = chosen {
+        state.use_photo_face(k);
+    }
 }
 
 fn list(ui: &mut Ui, state: &AppState) {
