@@ -6,7 +6,6 @@ use super::config::{BackboneSpec, TrainConfig};
 use super::data::{open_source, ImageSource, ProcFaceSource};
 use super::eval::{Embedder, ValidationSet, EVAL_BATCH};
 use super::margin::LossKind;
-use super::net::NetConfig;
 use super::run::{train, TrainEvent};
 use super::schedule::Decay;
 use crate::analysis::verification::{verify, VerificationResult};
@@ -330,17 +329,10 @@ pub fn load_embedder(
     state
         .tensors
         .retain(|k, _| !k.ends_with(".num_batches_tracked"));
-    let cfg = NetConfig::infer(state.tensors.iter().map(|(k, v)| (k.as_str(), v.dims())))
+    let cfg = IResNetConfig::infer(state.tensors.iter().map(|(k, v)| (k.as_str(), v.dims())))
         .map_err(|e| anyhow!("{}: {e}", model.display()))?;
-    let icfg = IResNetConfig {
-        layers: cfg.layers.clone(),
-        num_features: cfg.num_features,
-        width: cfg.width,
-        input_size: cfg.input_size,
-        ..IResNetConfig::iresnet18()
-    };
     Ok(Box::new(build_checked(&state, DType::F32, device, |vb| {
-        IResNet::new(vb, &icfg)
+        IResNet::new(vb, &cfg)
     })?))
 }
 

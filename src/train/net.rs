@@ -7,6 +7,7 @@
 
 use super::conv::conv2d;
 use super::fused::{TrainBatchNorm, TrainPrelu};
+use crate::models::iresnet::IResNetConfig;
 use anyhow::{anyhow, bail, Result};
 use candle_core::{Module, Tensor};
 use candle_nn::{linear, Linear, VarBuilder};
@@ -31,12 +32,6 @@ pub struct NetConfig {
 }
 
 impl NetConfig {
-    /// Whether the network is a standard IResNet (width 64, input 112) that
-    /// `IResNet::load` can read.
-    pub fn is_standard_iresnet(&self) -> bool {
-        self.width == 64 && self.input_size == 112
-    }
-
     /// Checks the config.
     pub fn validate(&self) -> Result<()> {
         if self.layers.len() != 4 || self.layers.contains(&0) {
@@ -64,44 +59,16 @@ impl NetConfig {
         [self.width, 2 * self.width, 4 * self.width, 8 * self.width]
     }
 
-    /// Infers the architecture from backbone tensor names and shapes (`layerS.I.*` counts,
-    /// `conv1.weight`, `features.weight`, `fc.weight`); dropout is set to 0.
+    /// Infers the architecture from backbone tensor names and shapes
+    /// ([`IResNetConfig::infer`]); dropout is set to 0.
     pub fn infer<'a>(shapes: impl IntoIterator<Item = (&'a str, &'a [usize])>) -> Result<Self> {
-        let mut layers = [0usize; 4];
-        let (mut width, mut features, mut fc_in) = (None, None, None);
-        for (name, dims) in shapes {
-            match name {
-                "conv1.weight" => width = dims.first().copied(),
-                "features.weight" => features = dims.first().copied(),
-                "fc.weight" => fc_in = dims.get(1).copied(),
-                _ => {}
-            }
-            if let Some(rest) = name.strip_prefix("layer") {
-                let mut parts = rest.split('.');
-                if let (Some(Ok(s)), Some(Ok(i))) = (
-                    parts.next().map(str::parse::<usize>),
-                    parts.next().map(str::parse::<usize>),
-                ) {
-                    if (1..=4).contains(&s) {
-                        layers[s - 1] = layers[s - 1].max(i + 1);
-                    }
-                }
-            }
-        }
-        let width = width.ok_or_else(|| anyhow!("backbone has no `conv1.weight`"))?;
-        let num_features = features.ok_or_else(|| anyhow!("backbone has no `features.weight`"))?;
-        let fc_in = fc_in.ok_or_else(|| anyhow!("backbone has no 2-d `fc.weight`"))?;
-        let cells = fc_in / (8 * width).max(1);
-        let side = (cells as f64).sqrt().round() as usize;
-        if side * side * 8 * width != fc_in {
-            bail!("`fc.weight` input width {fc_in} is not 8·{width}·side²");
-        }
+        let c = IResNetConfig::infer(shapes).map_err(|e| anyhow!("{e}"))?;
         let cfg = Self {
-            layers: layers.to_vec(),
-            num_features,
+            layers: c.layers,
+            num_features: c.num_features,
             dropout: 0.0,
-            width,
-            input_size: side * 16,
+            width: c.width,
+            input_size: c.input_size,
         };
         cfg.validate()?;
         Ok(cfg)
