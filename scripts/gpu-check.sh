@@ -21,4 +21,7 @@ for dt in f32 bf16; do
 done
 timeout 120 "$BIN" bench --device cuda:0 --dtype f32 --configs released --batches 1 --repeats 1 \
   --ddim-steps 0 --ddpm-images 50 --json "$OUT/bench_ddpm.json" || true
+# FR training throughput (iresnet50 at 112 px on ProcFace faces rendered on the fly).
+timeout 120 "$BIN" train-fr --device cuda:0 --backbone iresnet50 --batch-size 128 \
+  --bench-steps 20 --out "$OUT/train-fr-bench" > "$OUT/bench_train_fr.json" || true
 exit $status

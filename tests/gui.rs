@@ -794,4 +794,32 @@ fn identity_from_a_face_photo_uses_the_detected_face_embedding() {
     );
     // The panel counts the new identity.
     h.get_by_label(&format!("{} identities", before + 1));
+
+    // Generate its variations with a model of 512-d contexts (the fixture U-Net).
+    let Some(w) = weights() else { return };
+    load_model(&mut h, &w);
+    {
+        let app = h.state_mut();
+        app.state
+            .identities
+            .retain(|i| i.name == "obama.jpg · face 0");
+        app.state.sampling.per_identity = 2;
+        app.state.sampling.steps = 2;
+    }
+    h.step();
+    h.get_by_label("Run").click();
+    h.step();
+    step_until(&mut h, Duration::from_secs(180), "the variations", |a| {
+        a.state.is_idle()
+    });
+    let st = &h.state().state;
+    assert!(
+        matches!(st.outcome, Some(Outcome::Finished { images: 2, .. })),
+        "{:?} / {:?}",
+        st.outcome,
+        st.error
+    );
+    let grid = st.grid.as_ref().unwrap();
+    assert_eq!((grid.rows(), grid.final_images()), (1, 2));
+    assert_eq!(grid.spec.rows[0].name, "obama.jpg · face 0");
 }

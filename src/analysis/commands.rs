@@ -72,6 +72,14 @@ pub struct AnalyzeArgs {
     /// Do not read or write the embedding cache.
     #[arg(long)]
     pub no_cache: bool,
+    /// Detect each image's face and align it to the InsightFace 112 × 112 template before
+    /// embedding (images without a detected face are embedded whole and counted).
+    #[arg(long)]
+    pub align: bool,
+    /// Folder with the detector `fr_detect.onnx` and landmarks `fr_landmark.onnx` for
+    /// --align (default: the model cache, $IDIFF_MODELS or ~/.cache/idiff-studio/models).
+    #[arg(long)]
+    pub face_models: Option<PathBuf>,
     /// Report folder.
     #[arg(long)]
     pub out: PathBuf,
@@ -145,7 +153,14 @@ pub fn run_analyze(a: &AnalyzeArgs) -> Result<i32> {
 
 fn embed_images(a: &AnalyzeArgs, dir: &Path, weights: &Path) -> Result<Embeddings> {
     let device = crate::pipeline::parse_device(&a.device)?;
-    let model = FrModel::load(weights, a.fr_config.as_deref(), &device)?;
+    let mut model = FrModel::load(weights, a.fr_config.as_deref(), &device)?;
+    if a.align {
+        let dir = a
+            .face_models
+            .clone()
+            .unwrap_or_else(crate::onnx::models_dir);
+        model = model.with_alignment(crate::onnx::detect::FaceDetector::from_dir(&dir)?);
+    }
     let opts = EmbedOptions {
         flip: a.flip,
         batch_size: a.batch_size.max(1),
@@ -174,6 +189,13 @@ fn embed_images(a: &AnalyzeArgs, dir: &Path, weights: &Path) -> Result<Embedding
         None,
     )?;
     bar.finish_and_clear();
+    if model.aligns() {
+        eprintln!(
+            "aligned to the 112 x 112 template; {} of {} images without a detected face were embedded whole",
+            model.unaligned_count(),
+            emb.len()
+        );
+    }
     Ok(emb)
 }
 

@@ -13,7 +13,8 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -26,6 +27,10 @@ use sha2::{Digest, Sha256};
 use crate::checkpoint::{build_checked, load_state_dict, StateDict};
 use crate::models::config::read_config;
 use crate::models::iresnet::{normalise, IResNet, IResNetConfig};
+use crate::onnx::detect::FaceDetector;
+
+/// Mixed into the model hash of cached embeddings of aligned images.
+const ALIGNMENT_CACHE_TAG: &str = "+aligned-112/insightface-template/v1";
 
 /// Side length of the standard (arcface_torch) face-recognition input.
 pub const FR_INPUT_SIZE: usize = 112;
@@ -187,12 +192,21 @@ enum Backbone {
     Onnx(Box<crate::onnx::fr::OnnxFrModel>),
 }
 
+/// Face detection and 5-point alignment run before the FR preprocessing.
+#[derive(Debug, Clone)]
+struct Aligner {
+    detector: Arc<FaceDetector>,
+    /// Images in which no face was found (embedded whole instead).
+    unaligned: Arc<AtomicUsize>,
+}
+
 /// A loaded face-recognition backbone plus the facts the cache needs.
 #[derive(Debug, Clone)]
 pub struct FrModel {
     model: Backbone,
     sha256: String,
     device: Device,
+    aligner: Option<Aligner>,
 }
 
 impl FrModel {
@@ -212,6 +226,7 @@ impl FrModel {
                 sha256: model.sha256().to_owned(),
                 model: Backbone::Onnx(Box::new(model)),
                 device: device.clone(),
+                aligner: None,
             });
         }
         let sha256 = crate::pipeline::sha256_file(weights)?;
@@ -228,7 +243,51 @@ impl FrModel {
             model: Backbone::IResNet(Box::new(model)),
             sha256,
             device: device.clone(),
+            aligner: None,
         })
+    }
+
+    /// The same model with every image first detected and aligned to the InsightFace
+    /// 112 × 112 template (best-scoring face), as the reference evaluates generated faces.
+    /// Images without a detected face are embedded whole and counted
+    /// ([`FrModel::unaligned_count`]). Cached embeddings are kept apart from unaligned ones.
+    pub fn with_alignment(mut self, detector: FaceDetector) -> Self {
+        let mut h = Sha256::new();
+        h.update(self.sha256.as_bytes());
+        h.update(ALIGNMENT_CACHE_TAG.as_bytes());
+        self.sha256 = format!("{:x}", h.finalize());
+        self.aligner = Some(Aligner {
+            detector: Arc::new(detector),
+            unaligned: Arc::new(AtomicUsize::new(0)),
+        });
+        self
+    }
+
+    /// Whether images are aligned before embedding.
+    pub fn aligns(&self) -> bool {
+        self.aligner.is_some()
+    }
+
+    /// Images so far in which alignment found no face (embedded whole).
+    pub fn unaligned_count(&self) -> usize {
+        self.aligner
+            .as_ref()
+            .map_or(0, |a| a.unaligned.load(Ordering::Relaxed))
+    }
+
+    /// The aligned 112 × 112 crop of the best face, or `None` when there is none.
+    fn align(&self, img: &RgbImage) -> Result<Option<RgbImage>> {
+        let Some(a) = &self.aligner else {
+            return Ok(None);
+        };
+        let faces = a.detector.detect(img)?;
+        match faces.first() {
+            Some(face) => Ok(Some(crate::onnx::align::align_112(img, &face.five)?.0)),
+            None => {
+                a.unaligned.fetch_add(1, Ordering::Relaxed);
+                Ok(None)
+            }
+        }
     }
 
     /// SHA-256 (hex) of the weights file.
@@ -252,12 +311,15 @@ impl FrModel {
         }
     }
 
-    /// The model's planar `3 × H × W` input for an RGB image of any size (bilinear resize;
-    /// [-1, 1] for IResNet, the descriptor's channel order and mean/std for ONNX models).
+    /// The model's planar `3 × H × W` input for an RGB image of any size (aligned first when
+    /// [`FrModel::with_alignment`] asked for it; bilinear resize; [-1, 1] for IResNet, the
+    /// descriptor's channel order and mean/std for ONNX models).
     ///
     /// # Errors
     /// When the image is empty.
     pub fn preprocess(&self, img: &RgbImage) -> Result<Vec<f32>> {
+        let aligned = self.align(img)?;
+        let img = aligned.as_ref().unwrap_or(img);
         match &self.model {
             Backbone::IResNet(m) => preprocess(img, m.input_size()),
             Backbone::Onnx(m) => m.descriptor().preprocess(img),

@@ -9,7 +9,6 @@ use clap::Args;
 use image::RgbImage;
 
 use super::detect::FaceDetector;
-use super::fr::OnnxFrModel;
 use crate::analysis::embed::{Embeddings, FrModel};
 
 /// Arguments of `embed`.
@@ -41,33 +40,10 @@ pub struct EmbedArgs {
     pub out: PathBuf,
 }
 
-/// A face-recognition model of either kind.
-enum AnyFr {
-    Onnx(OnnxFrModel),
-    IResNet(Box<FrModel>),
-}
-
-impl AnyFr {
-    fn load(path: &Path, config: Option<&Path>) -> Result<Self> {
-        let is_onnx = path
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("onnx"));
-        if is_onnx {
-            Ok(Self::Onnx(OnnxFrModel::load(path)?))
-        } else {
-            let device = candle_core::Device::Cpu;
-            Ok(Self::IResNet(Box::new(FrModel::load(
-                path, config, &device,
-            )?)))
-        }
-    }
-
-    fn embed(&self, img: &RgbImage) -> Result<Vec<f32>> {
-        match self {
-            Self::Onnx(m) => m.embed(img),
-            Self::IResNet(m) => m.embed(m.preprocess(img)?, 1, false),
-        }
-    }
+/// One L2-normalised embedding of a whole image (no flip), as the reference's extraction
+/// script computes it.
+fn embed_one(model: &FrModel, img: &RgbImage) -> Result<Vec<f32>> {
+    model.embed(model.preprocess(img)?, 1, false)
 }
 
 /// Image paths and their names (relative to the folder, or as given) from `--images`.
@@ -167,7 +143,11 @@ pub fn run_embed(a: &EmbedArgs) -> Result<i32> {
         );
     }
     let images = list_images(&a.images)?;
-    let model = AnyFr::load(&a.fr_model, a.fr_config.as_deref())?;
+    let model = FrModel::load(
+        &a.fr_model,
+        a.fr_config.as_deref(),
+        &candle_core::Device::Cpu,
+    )?;
     let detector = if a.align {
         let det = companion(a.detector.as_deref(), &a.fr_model, super::DETECTOR_FILE);
         let lmk = companion(a.landmarks.as_deref(), &a.fr_model, super::LANDMARK_FILE);
@@ -190,9 +170,7 @@ pub fn run_embed(a: &EmbedArgs) -> Result<i32> {
             }
             None => img,
         };
-        let e = model
-            .embed(&face)
-            .map_err(|e| anyhow!("{}: {e:#}", path.display()))?;
+        let e = embed_one(&model, &face).map_err(|e| anyhow!("{}: {e:#}", path.display()))?;
         dim = e.len();
         data.extend(e);
         names.push(name.clone());

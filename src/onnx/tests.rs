@@ -307,3 +307,111 @@ fn onnx_model_is_usable_as_the_analysis_fr_model() {
     let norm: f32 = flip[..512].iter().map(|v| v * v).sum::<f32>().sqrt();
     assert!((norm - 1.0).abs() < 1e-4, "{norm}");
 }
+
+/// `eval`'s loader takes an ONNX recognizer: the verification set of the aligned portraits
+/// (genuine pairs of one person, impostor pairs against another) embeds with the
+/// model's own preprocessing and flip-sum, and the pairs separate.
+#[test]
+fn eval_runs_an_onnx_recognizer_on_a_verification_set() {
+    let (Some(p), Some(det), Some(photos)) =
+        (cached_model_file(FR_MODEL_FILE), detector(), photos())
+    else {
+        return;
+    };
+    let aligned: Vec<RgbImage> = photos
+        .iter()
+        .map(|(n, img)| det.align_all(img, n).unwrap().swap_remove(0).image)
+        .collect();
+    // 12 pairs (the protocol needs at least 10), genuine and impostor interleaved.
+    let genuine = [(0, 1), (0, 2), (1, 2), (1, 0), (2, 0), (2, 1)];
+    let impostor = [(0, 3), (1, 3), (2, 3), (3, 0), (3, 1), (3, 2)];
+    let pairs: Vec<(usize, usize)> = genuine
+        .iter()
+        .zip(&impostor)
+        .flat_map(|(g, i)| [*g, *i])
+        .collect();
+    let issame: Vec<bool> = (0..12).map(|k| k % 2 == 0).collect();
+    let set =
+        crate::train::eval::ValidationSet::from_images("portraits", aligned.clone(), pairs, issame)
+            .unwrap();
+    let device = candle_core::Device::Cpu;
+    let model = crate::train::cli::load_embedder(&p, None, &device).unwrap();
+    let (emb, dim) = set.embed(model.as_ref(), &device, 3).unwrap();
+    assert_eq!(dim, 512);
+    let row = |i: usize| -> Vec<f32> {
+        emb[i * dim..(i + 1) * dim]
+            .iter()
+            .map(|&v| v as f32)
+            .collect()
+    };
+    // The same flip-sum embedding as the analysis model gives.
+    let fr = crate::analysis::embed::FrModel::load(&p, None, &device).unwrap();
+    let refs: Vec<&RgbImage> = aligned.iter().collect();
+    let want =
+        crate::analysis::embed::embed_images(&fr, &refs, true, 4, &mut |_| {}, None).unwrap();
+    for i in 0..4 {
+        let d = row(i)
+            .iter()
+            .zip(&want[i * dim..(i + 1) * dim])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(d < 1e-5, "image {i}: {d}");
+    }
+    for (a, b) in [(0, 1), (0, 2), (1, 2)] {
+        let c = cosine(&row(a), &row(b));
+        assert!(c > 0.5, "genuine {a}-{b}: {c}");
+    }
+    for a in 0..3 {
+        let c = cosine(&row(a), &row(3));
+        assert!(c < 0.25, "impostor {a}-3: {c}");
+    }
+    let result = set.evaluate(model.as_ref(), &device, 4).unwrap();
+    eprintln!("portraits: {result:?}");
+    assert!(result.accuracy_mean > 0.99, "{result:?}");
+}
+
+/// The analysis model with alignment embeds the aligned crop of the best face (the same
+/// embedding as aligning by hand), counts images without a face, and keeps its cache
+/// entries apart from unaligned ones.
+#[test]
+fn analysis_model_aligns_faces_before_embedding() {
+    let (Some(p), Some(det), Some(photos)) =
+        (cached_model_file(FR_MODEL_FILE), detector(), photos())
+    else {
+        return;
+    };
+    let device = candle_core::Device::Cpu;
+    let plain = crate::analysis::embed::FrModel::load(&p, None, &device).unwrap();
+    let aligned_model = plain.clone().with_alignment(det.clone());
+    assert!(aligned_model.aligns() && !plain.aligns());
+    assert_ne!(aligned_model.sha256(), plain.sha256());
+    let (name, photo) = &photos[0];
+    let crop = det.align_all(photo, name).unwrap().swap_remove(0).image;
+    let by_hand = plain
+        .embed(plain.preprocess(&crop).unwrap(), 1, false)
+        .unwrap();
+    let auto = aligned_model
+        .embed(aligned_model.preprocess(photo).unwrap(), 1, false)
+        .unwrap();
+    let d = by_hand
+        .iter()
+        .zip(&auto)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(d < 1e-6, "{d}");
+    assert_eq!(aligned_model.unaligned_count(), 0);
+    // A flat grey image has no face: embedded whole (as without alignment) and counted.
+    let grey = RgbImage::from_pixel(128, 128, Rgb([128, 128, 128]));
+    assert_eq!(
+        aligned_model.preprocess(&grey).unwrap(),
+        plain.preprocess(&grey).unwrap()
+    );
+    assert_eq!(aligned_model.unaligned_count(), 1);
+    // Aligned analysis of real photos separates the identities better than whole images.
+    let refs: Vec<&RgbImage> = photos.iter().map(|(_, i)| i).collect();
+    let e =
+        crate::analysis::embed::embed_images(&aligned_model, &refs, false, 4, &mut |_| {}, None)
+            .unwrap();
+    let row = |i: usize| &e[i * 512..(i + 1) * 512];
+    assert!(cosine(row(0), row(1)) > 0.5 && cosine(row(0), row(3)) < 0.25);
+}

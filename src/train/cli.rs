@@ -293,8 +293,9 @@ pub fn cli_train_fr(args: &TrainFrArgs) -> Result<i32> {
 /// Arguments of `eval`.
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// Backbone weights (safetensors or torch `.pth`, arcface_torch names); default: the
-    /// built-in default model's FR backbone.
+    /// Backbone weights (safetensors or torch `.pth`, arcface_torch names) or an ONNX
+    /// recognizer (`.onnx`, descriptor `<model>.json` beside it); default: the built-in
+    /// default model's FR backbone.
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// IResNet config JSON; default: inferred from the weights.
@@ -314,13 +315,22 @@ pub struct EvalArgs {
     pub json: Option<PathBuf>,
 }
 
-/// Loads a backbone for evaluation: with `config` as an IResNet; otherwise the architecture
-/// is inferred from the weights (any IResNet width and input size).
+/// Loads a backbone for evaluation: an ONNX recognizer (by extension, with its descriptor's
+/// preprocessing); with `config` an IResNet; otherwise the IResNet architecture is inferred
+/// from the weights (any width and input size).
 pub fn load_embedder(
     model: &Path,
     config: Option<&Path>,
     device: &Device,
 ) -> Result<Box<dyn Embedder>> {
+    if model
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("onnx"))
+    {
+        return Ok(Box::new(crate::analysis::embed::FrModel::load(
+            model, config, device,
+        )?));
+    }
     if let Some(c) = config {
         let cfg = IResNetConfig::from_json_file(c)?;
         return Ok(Box::new(IResNet::load(model, &cfg, device)?));

@@ -4,6 +4,7 @@
 
 use super::loader::images_to_tensor;
 use super::net::TrainNet;
+use crate::analysis::embed::FrModel;
 use crate::analysis::verification::{verify, VerificationResult};
 use crate::dataset::verification_bin::VerificationPairs;
 use crate::models::iresnet::{normalise, IResNet};
@@ -13,31 +14,52 @@ use candle_core::Tensor;
 use image::RgbImage;
 use std::path::Path;
 
-/// A backbone that can be evaluated: its input side and `f(x) + f(flip(x))`.
+/// A backbone that can be evaluated: normalised `f(x) + f(flip(x))` of decoded images.
 pub trait Embedder {
-    /// Input side length (images are resized to it).
-    fn input_size(&self) -> usize;
-    /// Raw (unnormalised) `f(x) + f(flip_w(x))` in inference mode.
-    fn flip_sum(&self, x: &Tensor) -> Result<Tensor>;
+    /// Normalised flip-sum embeddings `(n, d)` of decoded images, each preprocessed the way
+    /// the model expects.
+    fn embed_images(&self, images: &[RgbImage], device: &Device) -> Result<Tensor>;
+}
+
+/// Resizes to `size` in [-1, 1] and normalises `flip_sum(x)`: the candle backbones' path.
+fn embed_resized(
+    images: &[RgbImage],
+    size: usize,
+    device: &Device,
+    flip_sum: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let x = images_to_tensor(images, size, device)?;
+    Ok(normalise(&flip_sum(&x)?)?)
+}
+
+/// Any analysis FR model (IResNet or ONNX) evaluates with its own preprocessing (for ONNX
+/// models the descriptor's size, channel order and normalisation).
+impl Embedder for FrModel {
+    fn embed_images(&self, images: &[RgbImage], device: &Device) -> Result<Tensor> {
+        let inputs = images
+            .iter()
+            .map(|img| self.preprocess(img))
+            .collect::<Result<Vec<_>>>()?;
+        let e = self.embed(inputs.concat(), images.len(), true)?;
+        Ok(Tensor::from_vec(e, (images.len(), self.dim()), device)?)
+    }
 }
 
 impl Embedder for IResNet {
-    fn input_size(&self) -> usize {
-        IResNet::input_size(self)
-    }
-    fn flip_sum(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.embed_flip_sum(x)?)
+    fn embed_images(&self, images: &[RgbImage], device: &Device) -> Result<Tensor> {
+        embed_resized(images, self.input_size(), device, |x| {
+            Ok(self.embed_flip_sum(x)?)
+        })
     }
 }
 
 impl Embedder for TrainNet {
-    fn input_size(&self) -> usize {
-        self.config().input_size
-    }
-    fn flip_sum(&self, x: &Tensor) -> Result<Tensor> {
-        let a = self.forward_t(x, false)?;
-        let b = self.forward_t(&x.flip(&[3])?, false)?;
-        Ok((a + b)?)
+    fn embed_images(&self, images: &[RgbImage], device: &Device) -> Result<Tensor> {
+        embed_resized(images, self.config().input_size, device, |x| {
+            let a = self.forward_t(x, false)?;
+            let b = self.forward_t(&x.flip(&[3])?, false)?;
+            Ok((a + b)?)
+        })
     }
 }
 
@@ -136,8 +158,7 @@ impl ValidationSet {
         let mut dim = 0;
         for start in (0..n).step_by(batch_size.max(1)) {
             let images = self.decode(start..(start + batch_size.max(1)).min(n))?;
-            let x = images_to_tensor(&images, model.input_size(), device)?;
-            let e = normalise(&model.flip_sum(&x)?)?;
+            let e = model.embed_images(&images, device)?;
             dim = e.dim(1)?;
             out.extend(
                 e.to_dtype(candle_core::DType::F64)?

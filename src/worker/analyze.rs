@@ -39,6 +39,8 @@ pub struct AnalyzeRequest {
     pub device: String,
     /// Flip-sum embeddings.
     pub flip: bool,
+    /// Detect and align faces first, with the detector and landmark models in this folder.
+    pub align: Option<PathBuf>,
     /// Optional reference embeddings for the leakage check.
     pub reference: Option<PathBuf>,
     /// Report settings.
@@ -56,17 +58,20 @@ pub struct AnalysisResult {
     pub rows: Vec<Option<usize>>,
     /// Seconds the analysis took.
     pub seconds: f64,
+    /// With alignment: images in which no face was found (embedded whole).
+    pub unaligned: Option<usize>,
 }
 
 /// Runs a request and sends its terminal [`Event::AnalysisFinished`].
 pub fn run(req: &AnalyzeRequest, events: &EventSender) {
     let start = std::time::Instant::now();
     let result = compute(req, events)
-        .map(|(report, rows)| {
+        .map(|(report, rows, unaligned)| {
             Arc::new(AnalysisResult {
                 report,
                 rows,
                 seconds: start.elapsed().as_secs_f64(),
+                unaligned,
             })
         })
         .map_err(|e| {
@@ -78,12 +83,18 @@ pub fn run(req: &AnalyzeRequest, events: &EventSender) {
     events.send(Event::AnalysisFinished { id: req.id, result });
 }
 
-fn compute(req: &AnalyzeRequest, events: &EventSender) -> Result<(Report, Vec<Option<usize>>)> {
+/// The report, the grid row of each identity, and (with alignment) the images without a face.
+type Computed = (Report, Vec<Option<usize>>, Option<usize>);
+
+fn compute(req: &AnalyzeRequest, events: &EventSender) -> Result<Computed> {
     if req.fr_model.as_os_str().is_empty() {
         bail!("set the face-recognition model (FR model) in the Model panel first");
     }
     let device = crate::pipeline::parse_device(&req.device)?;
-    let model = FrModel::load(&req.fr_model, req.fr_config.as_deref(), &device)?;
+    let mut model = FrModel::load(&req.fr_model, req.fr_config.as_deref(), &device)?;
+    if let Some(dir) = &req.align {
+        model = model.with_alignment(crate::onnx::detect::FaceDetector::from_dir(dir)?);
+    }
     let id = req.id;
     let progress = |done: usize, total: usize| {
         events.send(Event::AnalysisProgress { id, done, total });
@@ -146,5 +157,10 @@ fn compute(req: &AnalyzeRequest, events: &EventSender) -> Result<(Report, Vec<Op
         .map(|p| ReferenceSet::load(p, emb.dim))
         .transpose()
         .map_err(|e| anyhow!("{e:#}"))?;
-    Ok((analyze(&emb, reference.as_ref(), &req.options)?, rows))
+    let unaligned = model.aligns().then(|| model.unaligned_count());
+    Ok((
+        analyze(&emb, reference.as_ref(), &req.options)?,
+        rows,
+        unaligned,
+    ))
 }

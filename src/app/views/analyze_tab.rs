@@ -87,6 +87,8 @@ pub struct AnalyzeState {
     pub folder: String,
     /// Flip-sum embeddings.
     pub flip: bool,
+    /// Detect and align faces (model cache's detector and landmarks) before embedding.
+    pub align: bool,
     /// Histogram on the GPU (wgpu).
     pub gpu: bool,
     /// Most impostor scores kept.
@@ -116,6 +118,7 @@ impl Default for AnalyzeState {
             use_folder: false,
             folder: String::new(),
             flip: true,
+            align: false,
             gpu: false,
             impostor_samples: ReportOptions::default().impostor_samples,
             reference: String::new(),
@@ -222,6 +225,7 @@ pub fn start(state: &mut AppState, worker: &Worker) {
         fr_config: None,
         device: "cpu".into(),
         flip: a.flip,
+        align: a.align.then(crate::onnx::models_dir),
         reference: path(&a.reference),
         options: ReportOptions {
             impostor_samples: a.impostor_samples.max(1),
@@ -280,6 +284,11 @@ fn controls(ui: &mut Ui, state: &mut AppState, cx: &mut ViewCtx) {
             .labelled_by(l.id);
         }
         ui.checkbox(&mut a.flip, "Flip-sum");
+        ui.checkbox(&mut a.align, "Align faces").on_hover_text(
+            "Detect each face and align it to the InsightFace 112×112 template before \
+             embedding, with fr_detect.onnx and fr_landmark.onnx from the model cache \
+             (scripts/fetch-models.sh)",
+        );
         ui.checkbox(&mut a.gpu, "GPU histogram");
         let l = ui.label("Impostors");
         ui.add(
@@ -328,6 +337,18 @@ fn controls(ui: &mut Ui, state: &mut AppState, cx: &mut ViewCtx) {
 
 fn report_view(ui: &mut Ui, state: &mut AppState, result: &Arc<AnalysisResult>, cx: &mut ViewCtx) {
     let r = &result.report;
+    if let Some(n) = result.unaligned {
+        let text = format!(
+            "Aligned to the 112×112 template; {n} of {} images had no detected face and were \
+             embedded whole",
+            r.images
+        );
+        if n > 0 {
+            ui.colored_label(crate::app::style::WARN, text);
+        } else {
+            ui.label(text);
+        }
+    }
     ui.horizontal(|ui| {
         metrics_table(ui, result);
         ui.add_space(20.0);
@@ -677,6 +698,7 @@ mod tests {
             report,
             rows: vec![Some(0), Some(1), Some(2)],
             seconds: 0.1,
+            unaligned: None,
         });
         s.apply(Event::AnalysisFinished {
             id: 4,
