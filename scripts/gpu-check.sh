@@ -2,12 +2,16 @@
 # The prepared GPU check (one call, well under 10 minutes): parity on CUDA in f32 and bf16,
 # then the released-size benchmark, writing JSON results into $OUT (or ./gpu-check-out).
 #
-# On the device machine, from the repository root, with dist/idiff-studio-cuda built by
-# scripts/build-cuda.sh and the fixtures under shared/fixtures or $IDIFF_FIXTURES:
+# On the device machine, from the repository root, with dist/idiff-studio-cuda (or its .gz,
+# which is what travels) built by scripts/build-cuda.sh and the fixtures under
+# shared/fixtures or $IDIFF_FIXTURES:
 #   bash scripts/gpu-check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN="${BIN:-dist/idiff-studio-cuda}"
+if [[ ! -x "$BIN" && -f "$BIN.gz" ]]; then
+  gunzip -c "$BIN.gz" > "$BIN" && chmod +x "$BIN"
+fi
 OUT="${OUT:-gpu-check-out}"
 FIX="${IDIFF_FIXTURES:-$( [ -d shared/fixtures ] && echo shared/fixtures || echo ../shared/fixtures )}"
 mkdir -p "$OUT"

@@ -3,6 +3,9 @@
 # saves a screenshot of the screen. Run on demand (not part of CI):
 #
 #   scripts/screenshot.sh [OUT.png]      (default assets/screenshots/studio_generate.png)
+#   MODEL=default scripts/screenshot.sh assets/screenshots/studio_default.png
+#                                        (the built-in default model; needs a build that
+#                                         embeds it, i.e. all six assets/default files)
 #
 # Needs: xvfb xauth imagemagick x11-apps (installed with apt-get when missing), the fixtures
 # ($IDIFF_FIXTURES or ../shared/fixtures) and a debug build (built here if needed).
@@ -16,10 +19,22 @@ W=1440 H=900
 if ! command -v Xvfb >/dev/null || ! command -v import >/dev/null; then
   apt-get update -qq && apt-get install -y -qq --no-install-recommends xvfb xauth imagemagick x11-apps
 fi
-for f in unet_tiny_ema_averaged_model.ckpt unet_tiny_config.json \
-         vq_tiny_first_stage_decoder_state_dict.pt vq_tiny_config.json; do
-  [[ -f "$fixtures/$f" ]] || { echo "fixture $fixtures/$f missing (set IDIFF_FIXTURES)" >&2; exit 1; }
-done
+model_args=(
+  --unet "$fixtures/unet_tiny_ema_averaged_model.ckpt" --config "$fixtures/unet_tiny_config.json"
+  --decoder "$fixtures/vq_tiny_first_stage_decoder_state_dict.pt"
+  --decoder-config "$fixtures/vq_tiny_config.json"
+)
+if [[ "${MODEL:-fixture}" == default ]]; then
+  for f in unet vq fr; do
+    [[ -f "assets/default/$f.safetensors" ]] || { echo "assets/default/$f.safetensors missing: no built-in default model" >&2; exit 1; }
+  done
+  model_args=()
+else
+  for f in unet_tiny_ema_averaged_model.ckpt unet_tiny_config.json \
+           vq_tiny_first_stage_decoder_state_dict.pt vq_tiny_config.json; do
+    [[ -f "$fixtures/$f" ]] || { echo "fixture $fixtures/$f missing (set IDIFF_FIXTURES)" >&2; exit 1; }
+  done
+fi
 [[ -n "${SKIP_BUILD:-}" ]] || cargo build --bin idiff-studio
 bin=target/debug/idiff-studio
 
@@ -34,10 +49,7 @@ sleep 1
 export DISPLAY="$display"
 unset WAYLAND_DISPLAY
 
-"$bin" studio --fresh --size "${W}x${H}" \
-  --unet "$fixtures/unet_tiny_ema_averaged_model.ckpt" --config "$fixtures/unet_tiny_config.json" \
-  --decoder "$fixtures/vq_tiny_first_stage_decoder_state_dict.pt" \
-  --decoder-config "$fixtures/vq_tiny_config.json" \
+"$bin" studio --fresh --size "${W}x${H}" "${model_args[@]}" \
   --identities "${IDENTITIES:-5}" --per-identity "${PER_IDENTITY:-6}" --steps "${STEPS:-10}" \
   --guidance 1.0 --seed 7 --run --ready-file "$tmp/ready" &
 app_pid=$!

@@ -97,6 +97,11 @@ pub struct TrainDiffusionArgs {
     /// 0 = the reference's plain MSE.
     #[arg(long, default_value_t = 0.0)]
     pub min_snr_gamma: f64,
+    /// Start a new run (no checkpoint in `--out` yet) from these U-Net weights (e.g. a
+    /// previous run's EMA `unet.safetensors`, any float dtype) instead of a random
+    /// initialisation; the optimiser starts fresh and the EMA starts at these weights.
+    #[arg(long)]
+    pub init_from: Option<PathBuf>,
     /// Save a checkpoint every N steps.
     #[arg(long, default_value_t = 200)]
     pub save_every: usize,
@@ -367,8 +372,14 @@ pub fn run(a: &TrainDiffusionArgs) -> Result<i32> {
             ..Default::default()
         },
     )?;
-    let mut ema = Ema::new(&vars, a.ema)?;
     let ckpt = a.out.join("unet_train.safetensors");
+    if let Some(init) = a.init_from.as_ref().filter(|_| !ckpt.exists()) {
+        let saved = candle_core::safetensors::load(init, &device)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", init.display()))?;
+        optim::load_vars(&vars, &saved).with_context(|| init.display().to_string())?;
+        eprintln!("initialised from {}", init.display());
+    }
+    let mut ema = Ema::new(&vars, a.ema)?;
     let mut rng = ChaCha20Rng::seed_from_u64(a.seed);
     if ckpt.exists() {
         let saved = candle_core::safetensors::load(&ckpt, &device)?;
@@ -709,6 +720,7 @@ mod tests {
             lr: 1e-3,
             ema: 0.9,
             min_snr_gamma: 5.0,
+            init_from: None,
             save_every: 1,
             seed: 0,
             export_f16: None,
@@ -746,6 +758,43 @@ mod tests {
         let m = crate::default_model::eval::evaluate_setting(&pipeline, &fr, &ctx, 2, &settings, 4)
             .unwrap();
         assert!(m.eer.is_finite() && m.context_cosine.abs() <= 1.0 + 1e-4);
+
+        // A new run initialised from the first run's (f16) EMA weights starts exactly there.
+        let init = d.join("init_f16.safetensors");
+        save_f16(
+            &candle_core::safetensors::load(a.out.join("unet.safetensors"), &dev).unwrap(),
+            &init,
+        )
+        .unwrap();
+        let b = TrainDiffusionArgs {
+            out: d.join("run2"),
+            steps: 0,
+            init_from: Some(init.clone()),
+            ..a.clone()
+        };
+        assert_eq!(run(&b).unwrap(), 0);
+        let want = candle_core::safetensors::load(&init, &dev).unwrap();
+        let got = candle_core::safetensors::load(b.out.join("unet.safetensors"), &dev).unwrap();
+        assert_eq!(want.len(), got.len());
+        for (k, v) in &want {
+            let diff = (v.to_dtype(DType::F32).unwrap() - &got[k])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert_eq!(diff, 0.0, "{k}");
+        }
+        // A missing initialisation file is an error naming it.
+        let c = TrainDiffusionArgs {
+            out: d.join("run3"),
+            init_from: Some(d.join("absent.safetensors")),
+            ..b
+        };
+        let err = format!("{:#}", run(&c).unwrap_err());
+        assert!(err.contains("absent.safetensors"), "{err}");
     }
 
     #[test]
