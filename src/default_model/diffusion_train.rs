@@ -108,6 +108,9 @@ pub struct TrainDiffusionArgs {
     /// RNG seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Device: cpu or cuda:N (a `cuda` build).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Instead of training: write `--out`'s EMA weights in f16 and its `unet.json` into this
     /// folder (how `assets/default/unet.*` is made; half the size, same architecture).
     #[arg(long)]
@@ -335,11 +338,11 @@ fn prepare(a: &TrainDiffusionArgs, device: &Device) -> Result<LatentSet> {
 
 /// Runs `train-diffusion`; returns the exit code (130 when cancelled).
 pub fn run(a: &TrainDiffusionArgs) -> Result<i32> {
-    let device = Device::Cpu;
     if let Some(dest) = &a.export_f16 {
-        export_f16(&a.out, dest, &device)?;
+        export_f16(&a.out, dest, &Device::Cpu)?;
         return Ok(0);
     }
+    let device = crate::pipeline::parse_device(&a.device)?;
     anyhow::ensure!(a.batch_size > 0, "batch size must be positive");
     anyhow::ensure!(
         (0.0..1.0).contains(&a.cpd) && (0.0..1.0).contains(&a.uncond),
@@ -723,6 +726,7 @@ mod tests {
             init_from: None,
             save_every: 1,
             seed: 0,
+            device: "cpu".into(),
             export_f16: None,
         };
         assert_eq!(run(&a).unwrap(), 0);
