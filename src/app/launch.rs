@@ -182,7 +182,7 @@ pub fn apply_flags(app: &mut StudioApp, o: &StudioArgs) {
     let s = &mut app.state;
     if let Some(p) = &o.session {
         s.session_path = p.display().to_string();
-        s.open_session();
+        s.open_session_now();
     }
     let text = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
     if let Some(p) = text(&o.unet) {

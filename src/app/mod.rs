@@ -62,8 +62,10 @@ impl StudioApp {
     /// hook are installed on the first frame.
     pub fn new() -> Self {
         let worker = Worker::spawn();
+        let mut state = AppState::default();
+        state.io = Some(worker.event_sender());
         Self {
-            state: AppState::default(),
+            state,
             worker,
             thumbs: Thumbnails::default(),
             frame_stats: FrameStats::default(),

@@ -135,6 +135,11 @@ pub struct AppState {
     pub export_skip_rejected: bool,
     /// Session file path.
     pub session_path: String,
+    /// A session file is being read or written in the background.
+    pub session_io: bool,
+    /// Channel for background file I/O results (the worker's event channel); `None` does
+    /// the I/O inline (unit tests).
+    pub io: Option<crate::worker::EventSender>,
     /// A context file is being read.
     pub contexts_loading: bool,
     /// An export is being written.
@@ -175,6 +180,8 @@ impl Default for AppState {
             export_path: "idiff_grid.png".into(),
             export_skip_rejected: false,
             session_path: "idiff_session.json".into(),
+            session_io: false,
+            io: None,
             contexts_loading: false,
             exporting: false,
             analyze: Default::default(),
@@ -598,6 +605,8 @@ impl AppState {
                     Err(e) => self.error = Some(format!("export failed: {e}")),
                 }
             }
+            Event::SessionSaved(r) => self.session_saved(r),
+            Event::SessionOpened(r) => self.session_opened(r),
             Event::ContextsLoaded(r) => {
                 self.contexts_loading = false;
                 match r {

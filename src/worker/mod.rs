@@ -31,6 +31,12 @@ pub struct EventSender {
     waker: Arc<Mutex<Option<Waker>>>,
 }
 
+impl std::fmt::Debug for EventSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EventSender")
+    }
+}
+
 impl EventSender {
     /// Sends one event (dropped silently when the UI is gone) and wakes the UI.
     pub fn send(&self, event: Event) {

@@ -232,6 +232,10 @@ pub enum Event {
     Exported(Result<PathBuf, String>),
     /// A background context-file load finished.
     ContextsLoaded(Result<LoadedContexts, String>),
+    /// A background session save finished: the file written or a one-line error.
+    SessionSaved(Result<PathBuf, String>),
+    /// A background session read finished: the file and its session, or a one-line error.
+    SessionOpened(Result<(PathBuf, Box<crate::app::session::Session>), String>),
     /// Face detection `id` on a photo (Identities panel) finished: the faces or a one-line
     /// error.
     FacesDetected {

@@ -74,11 +74,17 @@ fn session(ui: &mut Ui, state: &mut AppState, cx: &mut ViewCtx) {
         cx.pick(t, Some(state.session_path.clone().into()));
     }
     ui.horizontal(|ui| {
-        if ui.button("Save session").clicked() {
+        if ui
+            .add_enabled(!state.session_io, egui::Button::new("Save session"))
+            .clicked()
+        {
             state.save_session();
         }
         if ui
-            .add_enabled(state.is_idle(), egui::Button::new("Open session"))
+            .add_enabled(
+                state.is_idle() && !state.session_io,
+                egui::Button::new("Open session"),
+            )
             .clicked()
         {
             state.open_session();

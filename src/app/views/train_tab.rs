@@ -31,16 +31,17 @@ pub const DEFAULT_COMMAND: &str =
     "torchrun --nproc_per_node=1 train.py --data {dataset} --output {output}";
 
 /// Which trainer runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum TrainerKind {
     /// The built-in candle trainer.
+    #[default]
     BuiltIn,
     /// A user-given command.
     External,
 }
 
 /// Where the built-in trainer's images come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum DataChoice {
     /// An ImageFolder or RecordIO dataset on disk.
     Path,
@@ -63,8 +64,10 @@ pub struct RunningTrain {
     pub started: Instant,
 }
 
-/// The Train tab's fields, live curves and run state.
-#[derive(Debug, Clone)]
+/// The Train tab's fields, live curves and run state. Serialised (in sessions) are the
+/// fields only; the run, curves and log are skipped.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct TrainTabState {
     /// Built-in or external trainer.
     pub trainer: TrainerKind,
@@ -117,31 +120,46 @@ pub struct TrainTabState {
     /// External trainer command template.
     pub command: String,
     /// The run in progress.
+    #[serde(skip)]
     pub running: Option<RunningTrain>,
     /// Facts about the current (or last) built-in run.
+    #[serde(skip)]
     pub info: Option<RunInfo>,
     /// The latest step.
+    #[serde(skip)]
     pub last_step: Option<StepEvent>,
     /// What the run is doing besides steps (e.g. evaluating).
+    #[serde(skip)]
     pub phase: Option<String>,
     /// Loss per step.
+    #[serde(skip)]
     pub loss_points: Vec<[f64; 2]>,
     /// Learning rate per step.
+    #[serde(skip)]
     pub lr_points: Vec<[f64; 2]>,
     /// Training accuracy per step, at fractional epochs.
+    #[serde(skip)]
     pub train_acc_points: Vec<[f64; 2]>,
     /// Validation accuracy per epoch.
+    #[serde(skip)]
     pub val_points: Vec<[f64; 2]>,
     /// Finished epochs of the current run.
+    #[serde(skip)]
     pub epochs_done: Vec<EpochRecord>,
     /// The run's log (events of the built-in trainer, output of an external one).
+    #[serde(skip)]
     pub log: VecDeque<(LogStream, String)>,
     /// How the last run ended, or why it did not start.
+    #[serde(skip)]
     pub last: Option<Result<TrainOutcome, String>>,
     /// Trainer of the last run.
+    #[serde(skip)]
     pub last_kind: TrainerKind,
+    #[serde(skip)]
     run_started: Option<(Instant, usize)>,
+    #[serde(skip)]
     export_seen: Option<String>,
+    #[serde(skip)]
     next_id: u64,
 }
 
@@ -199,6 +217,29 @@ fn path(s: &str) -> Option<PathBuf> {
 }
 
 impl TrainTabState {
+    /// Takes the fields of `saved` (a session's), keeping this tab's run, curves and log.
+    pub fn restore_settings(&mut self, saved: TrainTabState) {
+        let runtime = std::mem::take(self);
+        *self = TrainTabState {
+            running: runtime.running,
+            info: runtime.info,
+            last_step: runtime.last_step,
+            phase: runtime.phase,
+            loss_points: runtime.loss_points,
+            lr_points: runtime.lr_points,
+            train_acc_points: runtime.train_acc_points,
+            val_points: runtime.val_points,
+            epochs_done: runtime.epochs_done,
+            log: runtime.log,
+            last: runtime.last,
+            last_kind: runtime.last_kind,
+            run_started: runtime.run_started,
+            export_seen: runtime.export_seen,
+            next_id: runtime.next_id,
+            ..saved
+        };
+    }
+
     /// True while a run is in progress.
     pub fn is_running(&self) -> bool {
         self.running.is_some()
