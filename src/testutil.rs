@@ -32,3 +32,18 @@ pub fn fixture(name: &str) -> Option<PathBuf> {
         }
     }
 }
+
+/// Largest absolute element-wise difference of two tensors of the same shape (as f32).
+///
+/// # Panics
+/// When the shapes differ or the tensors cannot be read.
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.to_dtype(candle_core::DType::F32))
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0))
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("max abs diff")
+}

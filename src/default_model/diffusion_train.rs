@@ -540,6 +540,7 @@ pub fn save_f16(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::max_abs_diff;
 
     fn tiny() -> UNetConfig {
         UNetConfig {
@@ -781,14 +782,7 @@ mod tests {
         let got = candle_core::safetensors::load(b.out.join("unet.safetensors"), &dev).unwrap();
         assert_eq!(want.len(), got.len());
         for (k, v) in &want {
-            let diff = (v.to_dtype(DType::F32).unwrap() - &got[k])
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs_diff(&v.to_dtype(DType::F32).unwrap(), &got[k]);
             assert_eq!(diff, 0.0, "{k}");
         }
         // A missing initialisation file is an error naming it.
@@ -817,14 +811,7 @@ mod tests {
         let c = Tensor::randn(0f32, 1.0, (1, 8), &dev).unwrap();
         let a = m.unet.forward(&x, &t, Some(&c)).unwrap();
         let b = loaded.forward(&x, &t, Some(&c)).unwrap();
-        let err = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let err = max_abs_diff(&a, &b);
         assert!(err < 1e-4, "{err}");
     }
 }

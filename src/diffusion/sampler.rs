@@ -317,18 +317,7 @@ mod tests {
         Some(Fixture { unet, io })
     }
 
-    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
+    use crate::testutil::max_abs_diff as max_abs;
 
     #[test]
     fn ddpm_chain_matches_reference() {

@@ -397,19 +397,7 @@ mod tests {
     use candle_nn::VarMap;
     use std::collections::HashMap;
 
-    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-        assert_eq!(a.dims(), b.dims());
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::testutil::max_abs_diff as max_abs;
 
     fn fixtures() -> Option<(IResNetConfig, std::path::PathBuf, HashMap<String, Tensor>)> {
         let cfg = fixture("iresnet_tiny_config.json")?;

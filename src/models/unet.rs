@@ -663,20 +663,9 @@ mod tests {
     use super::*;
     use crate::diffusion::schedule::Schedule;
     use crate::testutil::{fixture, fixtures_dir};
-    use candle_core::{Device, D};
+    use candle_core::Device;
 
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(D::Minus1)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::testutil::max_abs_diff;
 
     fn tiny_config() -> Option<UNetConfig> {
         let p = fixture("unet_tiny_config.json")?;

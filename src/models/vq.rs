@@ -727,19 +727,7 @@ mod tests {
     use crate::testutil::{fixture, fixtures_dir};
     use std::collections::HashMap;
 
-    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-        assert_eq!(a.dims(), b.dims());
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::testutil::max_abs_diff as max_abs;
 
     struct Fixtures {
         cfg: VqConfig,

@@ -461,18 +461,7 @@ mod tests {
     use candle_core::Device;
     use candle_nn::VarMap;
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
+    use crate::testutil::max_abs_diff as max_diff;
 
     /// Fused ops against candle_nn on the same variables: outputs, all gradients and the
     /// running-statistics update.
