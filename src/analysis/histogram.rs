@@ -212,8 +212,9 @@ impl TileWorker {
     }
 }
 
-/// `out[r * cols + c] = <lhs row r, rhs row c>` for row-major `lhs` and `rhs`.
-fn tile_product(lhs: &[f32], rhs: &[f32], dim: usize, out: &mut [f32]) {
+/// `out[r * cols + c] = <lhs row r, rhs row c>` for row-major `lhs` and `rhs`
+/// (single-threaded gemm; callers parallelise over tiles).
+pub(crate) fn tile_product(lhs: &[f32], rhs: &[f32], dim: usize, out: &mut [f32]) {
     let (m, n) = (lhs.len() / dim, rhs.len() / dim);
     assert!(out.len() == m * n && lhs.len() == m * dim && rhs.len() == n * dim);
     // SAFETY: `out` holds m×n values written at row stride n, column stride 1; `lhs`

@@ -422,7 +422,7 @@ pub fn best_matches(
         for r0 in (0..nr).step_by(BLOCK) {
             let cols = BLOCK.min(nr - r0);
             let tile = &mut scores[..rows * cols];
-            product(
+            super::histogram::tile_product(
                 &queries[q0 * dim..(q0 + rows) * dim],
                 &refs[r0 * dim..(r0 + cols) * dim],
                 dim,
@@ -442,39 +442,6 @@ pub fn best_matches(
         }
     });
     out
-}
-
-/// `out[r * n + c] = <lhs row r, rhs row c>` (single-threaded gemm).
-fn product(lhs: &[f32], rhs: &[f32], dim: usize, out: &mut [f32]) {
-    let (m, n) = (lhs.len() / dim, rhs.len() / dim);
-    assert!(out.len() == m * n && lhs.len() == m * dim && rhs.len() == n * dim);
-    // SAFETY: `out` is m×n (row stride n, column stride 1); `lhs` is m×dim read with row
-    // stride dim; `rhs` is read as the dim×n transpose of its n×dim rows (row stride 1,
-    // column stride dim). All accesses stay inside the slices checked above, which do
-    // not overlap.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            dim,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            lhs.as_ptr(),
-            1,
-            dim as isize,
-            rhs.as_ptr(),
-            dim as isize,
-            1,
-            0.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
 }
 
 /// Identities with their outlier count, for quick summaries (name → count).
