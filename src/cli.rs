@@ -11,8 +11,6 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 /// IDiff Studio: generate, inspect, curate and train on IDiff-Face synthetic identities.
 #[derive(Debug, Parser)]
@@ -327,16 +325,8 @@ fn generate(a: GenerateArgs) -> Result<i32> {
     req.settings.validate()?;
     let device = parse_device(&a.device)?;
     let pipeline = Pipeline::load(&req.weights, parse_dtype(&a.dtype)?, &device)?;
-    let cancel = Arc::new(AtomicBool::new(false));
-    {
-        let cancel = cancel.clone();
-        // A second Ctrl-C while finishing the current step exits at once.
-        let _ = ctrlc::set_handler(move || {
-            if cancel.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-        });
-    }
+    // Ctrl-C sets the flag; a second Ctrl-C exits at once.
+    let cancel = crate::default_model::optim::cancel_flag();
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template(

@@ -18,8 +18,6 @@ use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 /// Margin loss on the command line.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -206,16 +204,8 @@ pub fn cli_train_fr(args: &TrainFrArgs) -> Result<i32> {
     if args.data.is_none() || args.out.is_none() {
         bail!("train-fr needs --data and --out (or --bench-steps)");
     }
-    let cancel = Arc::new(AtomicBool::new(false));
-    {
-        let cancel = cancel.clone();
-        // A second Ctrl-C while the checkpoint is written exits at once.
-        let _ = ctrlc::set_handler(move || {
-            if cancel.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-        });
-    }
+    // Ctrl-C sets the flag; a second Ctrl-C exits at once.
+    let cancel = crate::default_model::optim::cancel_flag();
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template(
