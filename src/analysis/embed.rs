@@ -24,7 +24,6 @@ use rayon::prelude::*;
 use safetensors::{Dtype, SafeTensors};
 use sha2::{Digest, Sha256};
 
-use crate::checkpoint::{build_checked, load_state_dict, StateDict};
 use crate::models::config::read_config;
 use crate::models::iresnet::{normalise, IResNet, IResNetConfig};
 use crate::onnx::detect::FaceDetector;
@@ -217,10 +216,7 @@ impl FrModel {
     /// # Errors
     /// When the file cannot be read or does not match the architecture.
     pub fn load(weights: &Path, config: Option<&Path>, device: &Device) -> Result<Self> {
-        if weights
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("onnx"))
-        {
+        if crate::onnx::is_onnx_file(weights) {
             let model = crate::onnx::fr::OnnxFrModel::load(weights)?;
             return Ok(Self {
                 sha256: model.sha256().to_owned(),
@@ -230,15 +226,8 @@ impl FrModel {
             });
         }
         let sha256 = crate::pipeline::sha256_file(weights)?;
-        let mut state = load_state_dict(weights)?.strip_prefix("module.");
-        state
-            .tensors
-            .retain(|k, _| !k.ends_with(".num_batches_tracked"));
-        let cfg = match config {
-            Some(p) => read_config::<IResNetConfig>(p)?,
-            None => infer_iresnet_config(&state)?,
-        };
-        let model = build_checked(&state, DType::F32, device, |vb| IResNet::new(vb, &cfg))?;
+        let cfg = config.map(read_config::<IResNetConfig>).transpose()?;
+        let model = IResNet::load_or_infer(weights, cfg.as_ref(), device)?;
         Ok(Self {
             model: Backbone::IResNet(Box::new(model)),
             sha256,
@@ -375,15 +364,6 @@ impl FrModel {
             }
         }
     }
-}
-
-/// Reads the IResNet architecture off a state dict ([`IResNetConfig::infer`]).
-///
-/// # Errors
-/// When the keys do not look like an IResNet.
-pub fn infer_iresnet_config(state: &StateDict) -> Result<IResNetConfig> {
-    IResNetConfig::infer(state.tensors.iter().map(|(k, v)| (k.as_str(), v.dims())))
-        .map_err(|e| anyhow!("{}: {e} (pass --fr-config)", state.path.display()))
 }
 
 /// L2-normalised embeddings with identity labels and file names.

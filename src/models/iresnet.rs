@@ -359,10 +359,33 @@ impl IResNet {
         cfg: &IResNetConfig,
         device: &Device,
     ) -> anyhow::Result<Self> {
+        Self::load_or_infer(path, Some(cfg), device)
+    }
+
+    /// Like [`IResNet::load`]; without `cfg` the architecture (blocks per stage, width,
+    /// input size, embedding size) is read off the weights ([`IResNetConfig::infer`]).
+    pub fn load_or_infer(
+        path: impl AsRef<Path>,
+        cfg: Option<&IResNetConfig>,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
+        let path = path.as_ref();
         let mut state = load_state_dict(path)?.strip_prefix("module.");
         state
             .tensors
             .retain(|k, _| !k.ends_with(".num_batches_tracked"));
+        let inferred;
+        let cfg = match cfg {
+            Some(c) => c,
+            None => {
+                inferred =
+                    IResNetConfig::infer(state.tensors.iter().map(|(k, v)| (k.as_str(), v.dims())))
+                        .map_err(|e| {
+                            anyhow::anyhow!("{}: {e} (pass its config file)", path.display())
+                        })?;
+                &inferred
+            }
+        };
         build_checked(&state, DType::F32, device, |vb| Self::new(vb, cfg))
     }
 }

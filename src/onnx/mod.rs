@@ -27,7 +27,7 @@ pub mod runtime;
 #[cfg(test)]
 mod tests;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// File name of the recognizer in the model cache.
 pub const FR_MODEL_FILE: &str = "fr_feature.onnx";
@@ -35,6 +35,12 @@ pub const FR_MODEL_FILE: &str = "fr_feature.onnx";
 pub const DETECTOR_FILE: &str = "fr_detect.onnx";
 /// File name of the 68-point landmark model in the model cache.
 pub const LANDMARK_FILE: &str = "fr_landmark.onnx";
+
+/// Whether `path` names an ONNX model (by its `.onnx` extension, any case).
+pub fn is_onnx_file(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("onnx"))
+}
 
 /// The model cache: `$IDIFF_MODELS`, else `$HOME/.cache/idiff-studio/models` (where
 /// `scripts/fetch-models.sh` writes).

@@ -9,7 +9,6 @@ use super::margin::LossKind;
 use super::run::{train, TrainEvent};
 use super::schedule::Decay;
 use crate::analysis::verification::{verify, VerificationResult};
-use crate::checkpoint::{build_checked, load_state_dict};
 use crate::models::iresnet::{IResNet, IResNetConfig};
 use crate::pipeline::parse_device;
 use anyhow::{anyhow, bail, Context, Result};
@@ -313,27 +312,17 @@ pub fn load_embedder(
     config: Option<&Path>,
     device: &Device,
 ) -> Result<Box<dyn Embedder>> {
-    if model
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("onnx"))
-    {
+    if crate::onnx::is_onnx_file(model) {
         return Ok(Box::new(crate::analysis::embed::FrModel::load(
             model, config, device,
         )?));
     }
-    if let Some(c) = config {
-        let cfg = IResNetConfig::from_json_file(c)?;
-        return Ok(Box::new(IResNet::load(model, &cfg, device)?));
-    }
-    let mut state = load_state_dict(model)?.strip_prefix("module.");
-    state
-        .tensors
-        .retain(|k, _| !k.ends_with(".num_batches_tracked"));
-    let cfg = IResNetConfig::infer(state.tensors.iter().map(|(k, v)| (k.as_str(), v.dims())))
-        .map_err(|e| anyhow!("{}: {e}", model.display()))?;
-    Ok(Box::new(build_checked(&state, DType::F32, device, |vb| {
-        IResNet::new(vb, &cfg)
-    })?))
+    let cfg = config.map(IResNetConfig::from_json_file).transpose()?;
+    Ok(Box::new(IResNet::load_or_infer(
+        model,
+        cfg.as_ref(),
+        device,
+    )?))
 }
 
 /// One row of the `eval` output.
