@@ -156,7 +156,6 @@ impl AppState {
     /// window exists, so that command-line flags can override it afterwards).
     pub fn open_session_now(&mut self) {
         let path = PathBuf::from(self.session_path.trim());
-        self.session_io = true;
         self.session_opened(read_session(path));
     }
 

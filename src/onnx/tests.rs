@@ -42,6 +42,15 @@ fn fr_model() -> Option<OnnxFrModel> {
     Some(OnnxFrModel::load_with(&p, FrDescriptor::mobilefacenet()).unwrap())
 }
 
+/// Largest absolute element-wise difference of two equally long slices.
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
 fn assert_one_line(msg: &str, needles: &[&str]) {
     assert_eq!(msg.lines().count(), 1, "not one line: {msg}");
     for n in needles {
@@ -72,11 +81,7 @@ fn onnx_fr_feature_matches_onnxruntime_on_fixed_input() {
         .sum::<f64>()
         .sqrt();
     let got = model.embed(&pattern_112()).unwrap();
-    let max_err = got
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    let max_err = max_abs_diff(&got, &want);
     eprintln!(
         "tract vs onnxruntime: max |Δ| = {max_err:.2e} over 512 values, raw norm {norm:.6} vs {want_norm:.6}"
     );
@@ -288,21 +293,13 @@ fn onnx_model_is_usable_as_the_analysis_fr_model() {
     let rows = fr.embed(inputs, 2, false).unwrap();
     for (row, img) in rows.chunks_exact(512).zip([&a, &b]) {
         let want = onnx.embed(img).unwrap();
-        let diff = row
-            .iter()
-            .zip(&want)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
+        let diff = max_abs_diff(row, &want);
         assert!(diff < 1e-6, "{diff}");
     }
     // f(x) + f(flip(x)) is the same for an image and its mirror image.
     let flip =
         crate::analysis::embed::embed_images(&fr, &[&a, &b], true, 8, &mut |_| {}, None).unwrap();
-    let diff = flip[..512]
-        .iter()
-        .zip(&flip[512..])
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
+    let diff = max_abs_diff(&flip[..512], &flip[512..]);
     assert!(diff < 1e-5, "{diff}");
     let norm: f32 = flip[..512].iter().map(|v| v * v).sum::<f32>().sqrt();
     assert!((norm - 1.0).abs() < 1e-4, "{norm}");
@@ -350,11 +347,7 @@ fn eval_runs_an_onnx_recognizer_on_a_verification_set() {
     let want =
         crate::analysis::embed::embed_images(&fr, &refs, true, 4, &mut |_| {}, None).unwrap();
     for i in 0..4 {
-        let d = row(i)
-            .iter()
-            .zip(&want[i * dim..(i + 1) * dim])
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let d = max_abs_diff(&row(i), &want[i * dim..(i + 1) * dim]);
         assert!(d < 1e-5, "image {i}: {d}");
     }
     for (a, b) in [(0, 1), (0, 2), (1, 2)] {
@@ -393,11 +386,7 @@ fn analysis_model_aligns_faces_before_embedding() {
     let auto = aligned_model
         .embed(aligned_model.preprocess(photo).unwrap(), 1, false)
         .unwrap();
-    let d = by_hand
-        .iter()
-        .zip(&auto)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let d = max_abs_diff(&by_hand, &auto);
     assert!(d < 1e-6, "{d}");
     assert_eq!(aligned_model.unaligned_count(), 0);
     // A flat grey image has no face: embedded whole (as without alignment) and counted.
