@@ -11,7 +11,7 @@ use super::data::{images_to_tensor, FaceSet};
 use super::optim::{self, AdamW, AdamWConfig, Ema};
 use crate::diffusion::schedule::Schedule;
 use crate::models::iresnet::{normalise, IResNet, IResNetConfig};
-use crate::models::unet::{ConditionalUNet, UNetConfig};
+use crate::models::unet::{ConditionalUNet, Prediction, UNetConfig};
 use crate::models::vq::{VqConfig, VqEncoder};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -91,12 +91,16 @@ pub struct TrainDiffusionArgs {
     /// EMA decay.
     #[arg(long, default_value_t = 0.999)]
     pub ema: f64,
-    /// Min-SNR-γ loss weighting (Hang et al. 2023): each sample's ε-MSE is weighted by
-    /// `min(SNR_t, γ) / SNR_t`, which stops the easy low-noise steps from dominating and
-    /// speeds up convergence; the model stays an ε-predictor for the reference samplers.
-    /// 0 = the reference's plain MSE.
+    /// Min-SNR-γ loss weighting (Hang et al. 2023): each sample's MSE is weighted by
+    /// `min(SNR_t, γ) / SNR_t` (ε-prediction) or `min(SNR_t, γ) / (SNR_t + 1)`
+    /// (v-prediction), which stops the easy low-noise steps from dominating.
+    /// 0 = plain MSE (the reference's, for ε).
     #[arg(long, default_value_t = 0.0)]
     pub min_snr_gamma: f64,
+    /// What the network learns to predict: `eps` (the reference) or `v`
+    /// (v = √ᾱ·ε − √(1−ᾱ)·x₀; recorded in `unet.json`, the samplers convert it to ε).
+    #[arg(long, value_enum, default_value = "eps")]
+    pub prediction: Prediction,
     /// Start a new run (no checkpoint in `--out` yet) from these U-Net weights (e.g. a
     /// previous run's EMA `unet.safetensors`, any float dtype) instead of a random
     /// initialisation; the optimiser starts fresh and the EMA starts at these weights.
@@ -133,6 +137,7 @@ impl TrainDiffusionArgs {
             context_dropout_probability: self.cpd,
             condition_type: "CA".to_owned(),
             latent_size,
+            prediction: self.prediction,
         }
     }
 }
@@ -169,8 +174,9 @@ impl TrainableUNet {
         Ok(Self { varmap, unet })
     }
 
-    /// The ε-prediction MSE of one batch with CPD probability `cpd`; with `min_snr_gamma > 0`
-    /// each sample is weighted by `min(SNR_t, γ) / SNR_t`.
+    /// The MSE of one batch against the network's target (ε, or v = √ᾱ·ε − √(1−ᾱ)·x₀, by
+    /// the config's `prediction`) with CPD probability `cpd`; with `min_snr_gamma > 0` each
+    /// sample is weighted by `min(SNR_t, γ) / SNR_t` (ε) or `min(SNR_t, γ) / (SNR_t + 1)` (v).
     pub fn loss(
         &self,
         schedule: &Schedule,
@@ -202,8 +208,13 @@ impl TrainableUNet {
         let keep = Tensor::from_vec(keep.clone(), (b, 1), dev)?;
         let c = c.broadcast_mul(&keep)?;
         let tt = Tensor::from_vec(t.iter().map(|&s| s as i64).collect::<Vec<_>>(), b, dev)?;
-        let eps = self.unet.forward_projected(&xt, &tt, &c)?;
-        let per_sample = (eps - noise)?.sqr()?.flatten_from(1)?.mean(1)?;
+        let out = self.unet.forward_projected(&xt, &tt, &c)?;
+        let prediction = self.unet.config().prediction;
+        let target = match prediction {
+            Prediction::Eps => noise.clone(),
+            Prediction::V => (noise.broadcast_mul(&sa)? - x0.broadcast_mul(&sb)?)?,
+        };
+        let per_sample = (out - target)?.sqr()?.flatten_from(1)?.mean(1)?;
         if min_snr_gamma <= 0.0 {
             return Ok(per_sample.mean_all()?);
         }
@@ -212,7 +223,11 @@ impl TrainableUNet {
             .map(|&s| {
                 let ab = f64::from(schedule.alpha_bars[s]);
                 let snr = ab / (1.0 - ab);
-                (snr.min(min_snr_gamma) / snr) as f32
+                let denominator = match prediction {
+                    Prediction::Eps => snr,
+                    Prediction::V => snr + 1.0,
+                };
+                (snr.min(min_snr_gamma) / denominator) as f32
             })
             .collect();
         let w = Tensor::from_vec(w, b, dev)?;
@@ -556,6 +571,7 @@ mod tests {
             context_dropout_probability: 0.25,
             condition_type: "CA".into(),
             latent_size: 8,
+            prediction: Prediction::Eps,
         }
     }
 
@@ -578,6 +594,66 @@ mod tests {
         let grads = loss.backward().unwrap();
         let missing = optim::vars_without_gradient(&vars, &grads).unwrap();
         assert!(missing.is_empty(), "no gradient for {missing:?}");
+    }
+
+    /// v-prediction: the loss is the MSE against v = √ᾱ·ε − √(1−ᾱ)·x₀ of the network's own
+    /// output, weighted by `min(SNR, γ)/(SNR + 1)` per sample, computed here by hand.
+    #[test]
+    fn v_prediction_loss_targets_the_velocity() {
+        let dev = Device::Cpu;
+        let cfg = UNetConfig {
+            prediction: Prediction::V,
+            ..tiny()
+        };
+        let m = TrainableUNet::new(&cfg, &dev).unwrap();
+        let schedule = Schedule::reference();
+        let t = vec![5usize, 900];
+        let x0 = Tensor::randn(0f32, 1.0, (2, 3, 8, 8), &dev).unwrap();
+        let ctx = normalise(&Tensor::randn(0f32, 1.0, (2, 8), &dev).unwrap()).unwrap();
+        let noise = Tensor::randn(0f32, 1.0, (2, 3, 8, 8), &dev).unwrap();
+        let gamma = 5.0;
+        let mut want = 0.0;
+        for (i, &s) in t.iter().enumerate() {
+            let ab = f64::from(schedule.alpha_bars[s]);
+            let (a, b) = (ab.sqrt(), (1.0 - ab).sqrt());
+            let (x0_i, n_i) = (x0.narrow(0, i, 1).unwrap(), noise.narrow(0, i, 1).unwrap());
+            let xt = ((&x0_i * a).unwrap() + (&n_i * b).unwrap()).unwrap();
+            let v = ((&n_i * a).unwrap() - (&x0_i * b).unwrap()).unwrap();
+            let tt = Tensor::new(&[s as i64], &dev).unwrap();
+            let out = m
+                .unet
+                .forward(&xt, &tt, Some(&ctx.narrow(0, i, 1).unwrap()))
+                .unwrap();
+            let mse = f64::from(
+                (out - v)
+                    .unwrap()
+                    .sqr()
+                    .unwrap()
+                    .mean_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap(),
+            );
+            let snr = ab / (1.0 - ab);
+            want += mse * snr.min(gamma) / (snr + 1.0) / 2.0;
+        }
+        let batch = DiffusionBatch {
+            x0,
+            ctx,
+            t,
+            noise,
+            keep: vec![1.0; 2],
+        };
+        let got = f64::from(
+            m.loss(&schedule, &batch, 0.0, gamma)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+        );
+        assert!(
+            (got - want).abs() < 1e-4 * want.max(1e-3),
+            "{got} vs {want}"
+        );
     }
 
     /// Min-SNR-γ: the batch loss is the mean of `min(SNR, γ)/SNR`-weighted per-sample MSEs
@@ -724,6 +800,7 @@ mod tests {
             lr: 1e-3,
             ema: 0.9,
             min_snr_gamma: 5.0,
+            prediction: Prediction::V,
             init_from: None,
             save_every: 1,
             seed: 0,
@@ -745,6 +822,11 @@ mod tests {
         }
         let model = crate::default_model::DefaultModel::from_dir(d).unwrap();
         assert_eq!(model.unet_config.context_input_channels, 8);
+        assert_eq!(
+            model.unet_config.prediction,
+            Prediction::V,
+            "unet.json records it"
+        );
         let pipeline = model.pipeline(DType::F32, &dev).unwrap();
         let fr = model.fr_model(&dev).unwrap();
         let ctx = crate::default_model::eval::eval_contexts(

@@ -3,7 +3,7 @@
 
 use super::rng::{self, ImageKey};
 use super::schedule::Schedule;
-use crate::models::unet::ConditionalUNet;
+use crate::models::unet::{ConditionalUNet, Prediction};
 use candle_core::{DType, Device, Result, Tensor};
 use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Serialize};
@@ -111,20 +111,23 @@ impl<'a> Sampler<'a> {
 
     /// ε for projected contexts `c` at integer step `t`, with guidance `w` against the empty
     /// context. w = 1 runs only the conditional branch, w = 0 only the unconditional one;
-    /// otherwise both branches run in one batched forward.
+    /// otherwise both branches run in one batched forward. A v-predicting network's output
+    /// is converted to ε (linear in the output, so before or after guidance is the same).
     pub fn guided_eps(&self, x: &Tensor, t: usize, c: &Tensor, w: f64) -> Result<Tensor> {
         let b = x.dim(0)?;
         let dtype = self.model_dtype();
         let xm = x.to_dtype(dtype)?;
         let cm = c.to_dtype(dtype)?;
         let dev = x.device();
-        let eps = if w == 1.0 {
+        let out = if w == 1.0 {
             self.unet
                 .forward_projected(&xm, &time_tensor(t, b, dev)?, &cm)?
+                .to_dtype(DType::F32)?
         } else if w == 0.0 {
             let empty = self.unet.empty_context(b, dtype, dev)?;
             self.unet
                 .forward_projected(&xm, &time_tensor(t, b, dev)?, &empty)?
+                .to_dtype(DType::F32)?
         } else {
             let empty = self.unet.empty_context(b, dtype, dev)?;
             let both = self.unet.forward_projected(
@@ -132,11 +135,23 @@ impl<'a> Sampler<'a> {
                 &time_tensor(t, 2 * b, dev)?,
                 &Tensor::cat(&[&cm, &empty], 0)?,
             )?;
-            let eps_c = both.narrow(0, 0, b)?.to_dtype(DType::F32)?;
-            let eps_u = both.narrow(0, b, b)?.to_dtype(DType::F32)?;
-            return &eps_u + ((eps_c - &eps_u)? * w)?;
+            let out_c = both.narrow(0, 0, b)?.to_dtype(DType::F32)?;
+            let out_u = both.narrow(0, b, b)?.to_dtype(DType::F32)?;
+            (&out_u + ((out_c - &out_u)? * w)?)?
         };
-        eps.to_dtype(DType::F32)
+        self.output_to_eps(out, x, t)
+    }
+
+    /// ε from the network's output at step `t`: itself for ε-prediction, and
+    /// ε = √ᾱ_t·v + √(1−ᾱ_t)·x_t for v-prediction.
+    pub fn output_to_eps(&self, out: Tensor, x: &Tensor, t: usize) -> Result<Tensor> {
+        match self.unet.config().prediction {
+            Prediction::Eps => Ok(out),
+            Prediction::V => {
+                let ab = f64::from(self.schedule.alpha_bars[t]);
+                (out * ab.sqrt())? + (x.to_dtype(DType::F32)? * (1.0 - ab).sqrt())?
+            }
+        }
     }
 
     fn model_dtype(&self) -> DType {
@@ -441,6 +456,31 @@ mod tests {
         assert!(max_abs(&got, &expected) <= 1e-5);
         let uncond = s.guided_eps(x, 500, &c, 0.0).unwrap();
         assert!(max_abs(&uncond, &eps_u) <= 1e-6);
+    }
+
+    /// The same weights read as a v-predictor give ε = √ᾱ·v + √(1−ᾱ)·x_t, where v is what
+    /// the ε-reading returns, with and without guidance.
+    #[test]
+    fn v_prediction_output_is_converted_to_eps() {
+        let Some(f) = load() else { return };
+        let mut cfg = f.unet.config().clone();
+        cfg.prediction = Prediction::V;
+        let w = fixture("unet_tiny_eps_model_only.ckpt").unwrap();
+        let schedule = Schedule::reference();
+        let v_unet = ConditionalUNet::load(w, &cfg, &schedule, DType::F32, &Device::Cpu).unwrap();
+        let (s_eps, s_v) = (
+            Sampler::new(&f.unet, &schedule),
+            Sampler::new(&v_unet, &schedule),
+        );
+        let x = &f.io["x"];
+        let c = f.unet.project_context(&f.io["context"]).unwrap();
+        for (t, guidance) in [(10, 1.0), (500, 2.5), (990, 0.0)] {
+            let v = s_eps.guided_eps(x, t, &c, guidance).unwrap();
+            let ab = f64::from(schedule.alpha_bars[t]);
+            let want = ((v * ab.sqrt()).unwrap() + (x * (1.0 - ab).sqrt()).unwrap()).unwrap();
+            let got = s_v.guided_eps(x, t, &c, guidance).unwrap();
+            assert!(max_abs(&got, &want) <= 1e-5, "t = {t}, w = {guidance}");
+        }
     }
 
     #[test]
