@@ -19,6 +19,7 @@ W=1440 H=900
 if ! command -v Xvfb >/dev/null || ! command -v import >/dev/null; then
   apt-get update -qq && apt-get install -y -qq --no-install-recommends xvfb xauth imagemagick x11-apps
 fi
+identity_args=(--identities "${IDENTITIES:-5}")
 model_args=(
   --unet "$fixtures/unet_tiny_ema_averaged_model.ckpt" --config "$fixtures/unet_tiny_config.json"
   --decoder "$fixtures/vq_tiny_first_stage_decoder_state_dict.pt"
@@ -29,6 +30,7 @@ if [[ "${MODEL:-fixture}" == default ]]; then
     [[ -f "assets/default/$f.safetensors" ]] || { echo "assets/default/$f.safetensors missing: no built-in default model" >&2; exit 1; }
   done
   model_args=()
+  identity_args=(--procface-identities "${IDENTITIES:-5}")
 else
   for f in unet_tiny_ema_averaged_model.ckpt unet_tiny_config.json \
            vq_tiny_first_stage_decoder_state_dict.pt vq_tiny_config.json; do
@@ -50,8 +52,8 @@ export DISPLAY="$display"
 unset WAYLAND_DISPLAY
 
 "$bin" studio --fresh --size "${W}x${H}" "${model_args[@]}" \
-  --identities "${IDENTITIES:-5}" --per-identity "${PER_IDENTITY:-6}" --steps "${STEPS:-10}" \
-  --guidance 1.0 --seed 7 --run --ready-file "$tmp/ready" &
+  "${identity_args[@]}" --per-identity "${PER_IDENTITY:-6}" --steps "${STEPS:-10}" \
+  --guidance "${GUIDANCE:-1.0}" --seed 7 --run --ready-file "$tmp/ready" &
 app_pid=$!
 for _ in $(seq 1 1200); do
   [[ -f "$tmp/ready" ]] && break

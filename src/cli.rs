@@ -162,9 +162,13 @@ pub struct GenerateArgs {
     #[arg(long, conflicts_with = "random_identities")]
     pub contexts: Option<PathBuf>,
     /// Number of uniform random identities.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "procface_identities")]
     pub random_identities: Option<usize>,
-    /// Global index of the first random identity.
+    /// Number of new ProcFace identities (seeds from 2,000,000 + --first-identity, never
+    /// seen in training), embedded by the built-in FR model: for the built-in U-Net.
+    #[arg(long, conflicts_with = "contexts")]
+    pub procface_identities: Option<usize>,
+    /// Global index of the first random or ProcFace identity.
     #[arg(long, default_value_t = 0)]
     pub first_identity: usize,
     /// Images per identity.
@@ -278,17 +282,23 @@ fn forward(cmd: ForwardCommand) -> Result<()> {
 }
 
 fn generate(a: GenerateArgs) -> Result<i32> {
-    let identities = match (&a.contexts, a.random_identities) {
-        (Some(path), _) => IdentitySource::File {
+    let identities = match (&a.contexts, a.random_identities, a.procface_identities) {
+        (Some(path), _, _) => IdentitySource::File {
             path: path.clone(),
             sha256: sha256_file(path)?,
         },
-        (None, Some(count)) => IdentitySource::Random {
+        (None, Some(count), _) => IdentitySource::Random {
             count,
             first: a.first_identity,
             seed: a.seed,
         },
-        (None, None) => anyhow::bail!("give --contexts FILE or --random-identities N"),
+        (None, None, Some(count)) => IdentitySource::Procface {
+            count,
+            first: a.first_identity,
+        },
+        (None, None, None) => {
+            anyhow::bail!("give --contexts FILE, --random-identities N or --procface-identities N")
+        }
     };
     let sampler = match a.sampler {
         SamplerArg::Ddpm => SamplerKind::Ddpm,

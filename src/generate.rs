@@ -29,6 +29,14 @@ pub enum IdentitySource {
         /// Seed of the identity streams.
         seed: u64,
     },
+    /// New ProcFace identities (seeds from 2,000,000 + `first`), embedded by the built-in
+    /// default model's FR backbone: contexts for the built-in U-Net with a known face.
+    Procface {
+        /// Number of identities.
+        count: usize,
+        /// Index of the first identity (seed 2,000,000 + first).
+        first: usize,
+    },
     /// Contexts read from a file (reference torch pickle, `.npy` or safetensors).
     File {
         /// The context file.
@@ -60,6 +68,25 @@ impl IdentitySource {
                         index: first + i,
                         name: format!("{}", first + i),
                         context: ctx.row(i).to_vec(),
+                    })
+                    .collect())
+            }
+            Self::Procface { count, first } => {
+                let rows = crate::default_model::eval::builtin_procface_contexts(*first, *count)?;
+                let got = rows.first().map_or(width, Vec::len);
+                anyhow::ensure!(
+                    got == width,
+                    "ProcFace identities are {got}-d contexts of the built-in FR model, but this \
+                     U-Net takes {width}-d contexts (use them with the built-in U-Net)"
+                );
+                let seed0 = crate::default_model::eval::EVAL_FIRST_IDENTITY as usize + first;
+                Ok(rows
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, context)| Identity {
+                        index: first + i,
+                        name: format!("procface {}", seed0 + i),
+                        context,
                     })
                     .collect())
             }

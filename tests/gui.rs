@@ -823,3 +823,68 @@ fn identity_from_a_face_photo_uses_the_detected_face_embedding() {
     assert_eq!((grid.rows(), grid.final_images()), (1, 2));
     assert_eq!(grid.spec.rows[0].name, "obama.jpg · face 0");
 }
+
+/// With no arguments the studio opens on the built-in model: its files go into the Model
+/// panel, it loads through the worker, the ProcFace source makes new identities in the
+/// background, and a run fills the grid with them.
+#[test]
+fn built_in_model_generates_procface_identities() {
+    use idiff_studio::app::forms::IdentitySourceKind;
+    use idiff_studio::app::launch::{builtin_default_paths, use_builtin_default};
+    let _g = serial();
+    // Tall enough for the Identities panel's Apply button to be on screen.
+    let mut h = harness([1280.0, 1000.0]);
+    let builtin = builtin_default_paths().expect("this build embeds the default model");
+    assert!(use_builtin_default(h.state_mut(), Some(&builtin)));
+    h.step();
+    h.get_by_label("Load model").click();
+    h.step();
+    step_until(&mut h, Duration::from_secs(120), "the model to load", |a| {
+        a.state.is_idle()
+    });
+    assert!(h.state().state.model_info().is_some());
+    assert_eq!(h.state().state.context_dim(), 64);
+
+    h.get_by_label("ProcFace").click();
+    h.run();
+    assert_eq!(
+        h.state().state.identity_form.kind,
+        IdentitySourceKind::Procface
+    );
+    {
+        let f = &mut h.state_mut().state.identity_form;
+        f.count = 3;
+        f.first = 2;
+    }
+    h.step();
+    h.get_by_label("Apply").click();
+    h.step();
+    step_until(&mut h, Duration::from_secs(60), "the identities", |a| {
+        !a.state.contexts_loading && a.state.identities.len() == 3
+    });
+    let st = &h.state().state;
+    assert!(st.error.is_none(), "{:?}", st.error);
+    let keys: Vec<u64> = st.identities.iter().map(|i| i.key).collect();
+    assert_eq!(keys, vec![2, 3, 4]);
+    assert_eq!(st.identities[0].name, "ProcFace 2000002");
+    {
+        let app = h.state_mut();
+        app.state.sampling.per_identity = 2;
+        app.state.sampling.steps = 4;
+    }
+    h.step();
+    h.get_by_label("Run").click();
+    h.step();
+    step_until(&mut h, Duration::from_secs(180), "the job to finish", |a| {
+        a.state.is_idle()
+    });
+    let st = &h.state().state;
+    assert!(
+        matches!(st.outcome, Some(Outcome::Finished { images: 6, .. })),
+        "{:?} / {:?}",
+        st.outcome,
+        st.error
+    );
+    let grid = st.grid.as_ref().unwrap();
+    assert_eq!((grid.rows(), grid.cols()), (3, 2));
+}

@@ -89,6 +89,8 @@ pub enum IdentitySourceKind {
     Interpolate,
     /// The face-recognition embedding of a face detected in a photo.
     Photo,
+    /// New ProcFace identities embedded by the built-in FR model (for the built-in U-Net).
+    Procface,
 }
 
 /// The Identities panel's fields.

@@ -42,6 +42,21 @@ pub fn random_identities(
         .collect())
 }
 
+/// ProcFace identities `first..first + rows.len()` (seeds from 2,000,000 + `first`), keyed by
+/// their index as `generate --procface-identities` does.
+pub fn procface_identities(first: usize, rows: Vec<Vec<f32>>) -> Vec<IdentityEntry> {
+    let seed0 = crate::default_model::eval::EVAL_FIRST_IDENTITY as usize + first;
+    rows.into_iter()
+        .enumerate()
+        .map(|(i, row)| IdentityEntry {
+            name: format!("ProcFace {}", seed0 + i),
+            origin: format!("ProcFace · #{}", first + i),
+            key: (first + i) as u64,
+            context: Arc::new(row),
+        })
+        .collect()
+}
+
 /// Identities from the rows of a context file.
 pub fn file_identities(
     file_label: &str,
@@ -180,6 +195,34 @@ mod tests {
         let json = serde_json::to_string(&ids).unwrap();
         let back: Vec<IdentityEntry> = serde_json::from_str(&json).unwrap();
         assert_eq!(back, ids);
+    }
+
+    /// The studio's ProcFace identities are the CLI's (`generate --procface-identities`):
+    /// same keys (noise), same contexts (the FR centroid of two renders of seed 2,000,000 + k).
+    #[test]
+    fn procface_identities_match_the_cli() {
+        use crate::generate::IdentitySource;
+        let cli = IdentitySource::Procface { count: 3, first: 4 }
+            .resolve(64)
+            .unwrap();
+        let rows = crate::default_model::eval::builtin_procface_contexts(4, 3).unwrap();
+        let ids = procface_identities(4, rows);
+        assert_eq!(ids.len(), 3);
+        for (gui, cli) in ids.iter().zip(&cli) {
+            assert_eq!(gui.key, cli.index as u64);
+            assert_eq!(*gui.context, cli.context);
+        }
+        assert_eq!(ids[0].name, "ProcFace 2000004");
+        assert_eq!(cli[2].name, "procface 2000006");
+        // The same identity seed always gives the same context; different seeds differ.
+        let again = crate::default_model::eval::builtin_procface_contexts(5, 1).unwrap();
+        assert_eq!(again[0], *ids[1].context);
+        assert_ne!(ids[0].context, ids[1].context);
+        let err = IdentitySource::Procface { count: 1, first: 0 }
+            .resolve(512)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("64-d") && err.contains("512-d"), "{err}");
     }
 
     #[test]

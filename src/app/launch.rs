@@ -30,8 +30,12 @@ pub struct StudioArgs {
     #[arg(long)]
     pub session: Option<PathBuf>,
     /// Number of random identities.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "procface_identities")]
     pub identities: Option<usize>,
+    /// Number of new ProcFace identities (built-in model; the default when the studio opens
+    /// on the built-in model without a saved workspace).
+    #[arg(long)]
+    pub procface_identities: Option<usize>,
     /// Samples per identity.
     #[arg(long)]
     pub per_identity: Option<usize>,
@@ -109,11 +113,13 @@ pub fn run(opts: StudioArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    let procface = procface_start_list(&opts, builtin.is_some());
     eframe::run_native(
         "idiff-studio",
         native,
         Box::new(move |cc| {
             let mut app = StudioApp::new();
+            let mut restored = false;
             if !opts.fresh {
                 if let Some(s) = cc
                     .storage
@@ -121,10 +127,14 @@ pub fn run(opts: StudioArgs) -> anyhow::Result<()> {
                     .and_then(|j| Session::from_json(&j).ok())
                 {
                     s.restore(&mut app.state);
+                    restored = true;
                 }
             }
             if use_builtin_default(&mut app, builtin.as_ref()) && !opts.run {
                 app.state.load_model(&app.worker);
+            }
+            if opts.procface_identities.is_some() || !restored {
+                use_procface_identities(&mut app, procface);
             }
             apply_flags(&mut app, &opts);
             Ok(Box::new(Launched::new(app, opts)))
@@ -174,6 +184,43 @@ pub fn use_builtin_default(
             app.state.error = Some(format!("built-in default model: {e:#}"));
             false
         }
+    }
+}
+
+/// The ProcFace identities to start with: `--procface-identities N`, else 8 when the studio
+/// opens on the built-in model with no `--identities`. Their contexts are computed here,
+/// before the window opens (the built-in FR model on 2 renders per identity).
+pub fn procface_start_list(
+    opts: &StudioArgs,
+    builtin: bool,
+) -> Option<anyhow::Result<Vec<Vec<f32>>>> {
+    let n = match (
+        opts.procface_identities,
+        builtin && opts.identities.is_none(),
+    ) {
+        (Some(n), _) => n,
+        (None, true) => 8,
+        (None, false) => return None,
+    };
+    Some(crate::default_model::eval::builtin_procface_contexts(
+        0,
+        n.clamp(1, 10_000),
+    ))
+}
+
+/// Makes `list` (from [`procface_start_list`]) the identity list, with the Identities panel
+/// on its ProcFace source; a failure becomes an error message.
+pub fn use_procface_identities(app: &mut StudioApp, list: Option<anyhow::Result<Vec<Vec<f32>>>>) {
+    let s = &mut app.state;
+    match list {
+        None => {}
+        Some(Ok(rows)) => {
+            s.identity_form.kind = super::forms::IdentitySourceKind::Procface;
+            s.identity_form.first = 0;
+            s.identity_form.count = rows.len();
+            s.identities = super::identities::procface_identities(0, rows);
+        }
+        Some(Err(e)) => s.error = Some(format!("ProcFace identities: {e:#}")),
     }
 }
 
@@ -324,5 +371,40 @@ impl eframe::App for Launched {
 
     fn on_exit(&mut self) {
         self.app.on_exit();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::app::forms::IdentitySourceKind;
+
+    /// The studio starts on ProcFace identities only with the built-in model (and no
+    /// `--identities`), or when asked to.
+    #[test]
+    fn procface_identities_at_start() {
+        let none = StudioArgs::default();
+        assert!(procface_start_list(&none, false).is_none());
+        let random = StudioArgs {
+            identities: Some(3),
+            ..Default::default()
+        };
+        assert!(procface_start_list(&random, true).is_none());
+        let rows = procface_start_list(&none, true).unwrap().unwrap();
+        assert_eq!(rows.len(), 8);
+        let asked = StudioArgs {
+            procface_identities: Some(2),
+            ..Default::default()
+        };
+        let list = procface_start_list(&asked, false);
+        let mut app = StudioApp::new();
+        use_procface_identities(&mut app, list);
+        let s = &app.state;
+        assert_eq!(s.identity_form.kind, IdentitySourceKind::Procface);
+        assert_eq!(s.identities.len(), 2);
+        assert_eq!(
+            *s.identities[1].context, rows[1],
+            "same identity, same context"
+        );
     }
 }

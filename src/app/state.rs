@@ -6,7 +6,9 @@ use super::forms::{
     IdentityForm, IdentitySourceKind, ModelForm, RunMode, SamplingForm, SweepParam,
 };
 use super::grid::{Grid, GridSpec, RowLabel};
-use super::identities::{file_identities, interpolate, random_identities, IdentityEntry};
+use super::identities::{
+    file_identities, interpolate, procface_identities, random_identities, IdentityEntry,
+};
 use crate::diffusion::rng::ImageKey;
 use crate::identity::DEFAULT_CONTEXT_DIM;
 use crate::worker::protocol::LoadedContexts;
@@ -433,6 +435,15 @@ impl AppState {
                 self.detect_faces(worker);
                 return;
             }
+            IdentitySourceKind::Procface => {
+                self.contexts_loading = true;
+                io::spawn_procface_identities(
+                    f.first,
+                    f.count.clamp(1, 10_000),
+                    worker.event_sender(),
+                );
+                return;
+            }
             IdentitySourceKind::Interpolate => {
                 match (self.identities.get(f.from), self.identities.get(f.to)) {
                     (Some(a), Some(b)) => interpolate(a, b, f.steps, f.shared_noise),
@@ -617,6 +628,13 @@ impl AppState {
                         );
                         self.set_identities(file_identities(&label, &names, rows));
                     }
+                    Err(e) => self.error = Some(e),
+                }
+            }
+            Event::ProcfaceIdentities { first, result } => {
+                self.contexts_loading = false;
+                match result {
+                    Ok(rows) => self.set_identities(procface_identities(first, rows)),
                     Err(e) => self.error = Some(e),
                 }
             }

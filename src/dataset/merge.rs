@@ -139,7 +139,8 @@ fn check(dirs: &[PathBuf], manifests: &[Manifest]) -> Result<Manifest> {
     let first_index = match &first.generation.identities {
         IdentitySource::Random {
             count: n, first, ..
-        } => {
+        }
+        | IdentitySource::Procface { count: n, first } => {
             ensure!(
                 *n == total,
                 "the shards hold {total} identities but the run has {n}"

@@ -97,18 +97,39 @@ pub fn eval_contexts(
 ) -> Result<Vec<Vec<f32>>> {
     match kind {
         ContextKind::Uniform => Ok(uniform_contexts(0, 0, n, dim)),
-        ContextKind::Procface => {
-            let images: Vec<_> = (0..n as u64)
-                .flat_map(|i| {
-                    (0..2).map(move |s| {
-                        crate::procface::render_sample(EVAL_FIRST_IDENTITY + i, s, 64)
-                    })
-                })
-                .collect();
-            let emb = fr_embeddings(fr, &images, device, 32)?;
-            Ok(emb.chunks(2).map(centroid).collect())
-        }
+        ContextKind::Procface => procface_contexts(fr, EVAL_FIRST_IDENTITY, n, device),
     }
+}
+
+/// Contexts of the ProcFace identities with seeds `first_seed..first_seed + n`: the
+/// normalised FR centroid of two 64 × 64 renders (samples 0 and 1) of each, as in training;
+/// each identity's context is the same whatever `first_seed` and `n` select it.
+pub fn procface_contexts(
+    fr: &IResNet,
+    first_seed: u64,
+    n: usize,
+    device: &Device,
+) -> Result<Vec<Vec<f32>>> {
+    let images: Vec<_> = (first_seed..first_seed + n as u64)
+        .flat_map(|i| (0..2).map(move |s| crate::procface::render_sample(i, s, 64)))
+        .collect();
+    // One forward per identity, so that a context does not depend (even in the last bit)
+    // on which other identities were asked for.
+    let emb = fr_embeddings(fr, &images, device, 2)?;
+    Ok(emb.chunks(2).map(centroid).collect())
+}
+
+/// Contexts for the built-in model of new ProcFace identities `first..first + n` (seeds
+/// from [`EVAL_FIRST_IDENTITY`], never seen in training), by the built-in FR model: the
+/// studio's and `generate --procface-identities`' identities with a known face.
+pub fn builtin_procface_contexts(first: usize, n: usize) -> Result<Vec<Vec<f32>>> {
+    anyhow::ensure!(
+        super::assets::is_embedded(),
+        "ProcFace identities need the built-in default model, which this build lacks"
+    );
+    let device = Device::Cpu;
+    let fr = DefaultModel::embedded()?.fr_model(&device)?;
+    procface_contexts(&fr, EVAL_FIRST_IDENTITY + first as u64, n, &device)
 }
 
 /// Samples `per_identity` images of every context under `settings` and scores them.

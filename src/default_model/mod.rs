@@ -184,12 +184,24 @@ mod tests {
         assert!(err.contains("--out") && !err.contains('\n'), "{err}");
     }
 
+    /// Lower bounds for `shipped_default_keeps_identities`, about two thirds of what the
+    /// shipped weights measure there (the run is deterministic).
+    const SHIPPED_MIN_SEPARATION: f64 = 0.1;
+    const SHIPPED_MIN_CONTEXT_COSINE: f64 = 0.1;
+
+    /// The repository ships the default model, so every build embeds it.
+    fn require_embedded() {
+        assert!(
+            assets::is_embedded(),
+            "assets/default/ lacks some of {:?}; the default model must ship",
+            assets::FILE_NAMES
+        );
+    }
+
     /// The shipped FR model separates held-out ProcFace identities.
     #[test]
     fn shipped_fr_model_verifies_procface_pairs() {
-        if !assets::is_embedded() {
-            return;
-        }
+        require_embedded();
         let dev = candle_core::Device::Cpu;
         let model = DefaultModel::embedded().unwrap();
         let fr = model.fr_model(&dev).unwrap();
@@ -203,9 +215,7 @@ mod tests {
     /// The shipped default generates an identity quickly (DDIM-10, 64×64).
     #[test]
     fn shipped_default_generates_an_identity() {
-        if !assets::is_embedded() {
-            return;
-        }
+        require_embedded();
         use crate::diffusion::rng::ImageKey;
         use crate::diffusion::sampler::{SamplerKind, SamplingSettings};
         let dev = candle_core::Device::Cpu;
@@ -249,6 +259,32 @@ mod tests {
         let paths = model.write_to(dir.path()).unwrap();
         let again = crate::pipeline::Pipeline::load(&paths, candle_core::DType::F32, &dev).unwrap();
         assert_eq!(again.unet_config(), pipeline.unet_config());
+    }
+
+    /// The shipped U-Net is identity-conditioned: on 8 new ProcFace identities × 4 samples
+    /// (DDIM-10, guidance 1) its own FR model finds samples of one identity more alike than
+    /// samples of different ones, and close to their context (model card: the full numbers).
+    #[test]
+    fn shipped_default_keeps_identities() {
+        require_embedded();
+        use crate::diffusion::sampler::{SamplerKind, SamplingSettings};
+        let dev = candle_core::Device::Cpu;
+        let model = DefaultModel::embedded().unwrap();
+        let pipeline = model.pipeline(candle_core::DType::F32, &dev).unwrap();
+        let fr = model.fr_model(&dev).unwrap();
+        let dim = model.unet_config.context_input_channels;
+        let contexts = eval::eval_contexts(eval::ContextKind::Procface, 8, &fr, dim, &dev).unwrap();
+        let settings = SamplingSettings {
+            sampler: SamplerKind::Ddim {
+                steps: 10,
+                eta: 0.0,
+            },
+            ..Default::default()
+        };
+        let m = eval::evaluate_setting(&pipeline, &fr, &contexts, 4, &settings, 32).unwrap();
+        eprintln!("{m:?}");
+        assert!(m.separation >= SHIPPED_MIN_SEPARATION, "{m:?}");
+        assert!(m.context_cosine >= SHIPPED_MIN_CONTEXT_COSINE, "{m:?}");
     }
 
     #[test]

@@ -50,6 +50,16 @@ pub fn spawn_load_contexts(path: PathBuf, dim: usize, events: EventSender) {
     });
 }
 
+/// Embeds new ProcFace identities `first..first + count` with the built-in FR model,
+/// reporting [`Event::ProcfaceIdentities`].
+pub fn spawn_procface_identities(first: usize, count: usize, events: EventSender) {
+    std::thread::spawn(move || {
+        let result = crate::default_model::eval::builtin_procface_contexts(first, count)
+            .map_err(|e| one_line(&format!("{e:#}")));
+        events.send(Event::ProcfaceIdentities { first, result });
+    });
+}
+
 /// Loads the ONNX face pipeline from `models_dir` and detects, aligns and embeds every face
 /// of `photo`, reporting [`Event::FacesDetected`] with request id `id`.
 pub fn spawn_detect_faces(id: u64, photo: PathBuf, models_dir: PathBuf, events: EventSender) {

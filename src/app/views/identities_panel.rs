@@ -1,5 +1,5 @@
-//! The Identities panel: random identities, a context file, an interpolation or a face
-//! from a photo; the list.
+//! The Identities panel: random identities, a context file, an interpolation, a face from
+//! a photo or new ProcFace identities; the list.
 
 use super::widgets::{caption, path_field};
 use super::ViewCtx;
@@ -18,7 +18,11 @@ pub fn show(ui: &mut Ui, state: &mut AppState, cx: &mut ViewCtx) {
         ui.selectable_value(&mut f.kind, IdentitySourceKind::File, "File");
         ui.selectable_value(&mut f.kind, IdentitySourceKind::Interpolate, "Interpolate");
     });
-    ui.selectable_value(&mut f.kind, IdentitySourceKind::Photo, "From a face photo");
+    ui.horizontal(|ui| {
+        ui.selectable_value(&mut f.kind, IdentitySourceKind::Photo, "From a face photo");
+        ui.selectable_value(&mut f.kind, IdentitySourceKind::Procface, "ProcFace")
+            .on_hover_text("New procedural identities, for the built-in model");
+    });
     ui.add_space(2.0);
     match f.kind {
         IdentitySourceKind::Random => {
@@ -57,6 +61,33 @@ pub fn show(ui: &mut Ui, state: &mut AppState, cx: &mut ViewCtx) {
                     ui.end_row();
                 });
             caption(ui, "uniform on the unit sphere, reproducible per index");
+        }
+        IdentitySourceKind::Procface => {
+            egui::Grid::new("procface_ids")
+                .num_columns(2)
+                .spacing([8.0, 4.0])
+                .show(ui, |ui| {
+                    let label = ui.label("Count");
+                    ui.add(
+                        egui::DragValue::new(&mut f.count)
+                            .range(1..=10_000)
+                            .speed(1.0),
+                    )
+                    .labelled_by(label.id);
+                    ui.end_row();
+                    let label = ui.label("First index");
+                    ui.add(
+                        egui::DragValue::new(&mut f.first)
+                            .range(0..=10_000_000)
+                            .speed(1.0),
+                    )
+                    .labelled_by(label.id);
+                    ui.end_row();
+                });
+            caption(
+                ui,
+                "new ProcFace faces (seed 2,000,000 + index), embedded by the built-in FR model",
+            );
         }
         IdentitySourceKind::File => {
             if let Some(t) = path_field(
