@@ -741,8 +741,11 @@ fn analyze_embeddings_with_sampling_and_leakage() {
     // Bad inputs: one line naming the file.
     let o = run(&["analyze", "--embeddings", s(&reference), "--out", s(&out)]);
     assert_one_line_error(&o, "ref.npy");
-    let o = run(&["analyze", "--images", s(dir.path()), "--out", s(&out)]);
-    assert!(!o.status.success());
+    // A folder without identity sub-folders of images (the built-in FR model embeds).
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let o = run(&["analyze", "--images", s(&empty), "--out", s(&out)]);
+    assert_one_line_error(&o, "empty");
 }
 
 // ---- Datasets: export, convert, merge, resume after a kill ----

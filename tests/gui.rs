@@ -67,6 +67,23 @@ fn step_until(
     h.step();
 }
 
+/// Clicks Run and waits until the job has finished with `images` images.
+fn run_job(h: &mut Harness<'_, StudioApp>, images: usize) {
+    h.step();
+    h.get_by_label("Run").click();
+    h.step();
+    step_until(h, Duration::from_secs(180), "the job to finish", |a| {
+        a.state.is_idle()
+    });
+    let st = &h.state().state;
+    assert!(
+        matches!(st.outcome, Some(Outcome::Finished { images: n, .. }) if n == images),
+        "{:?} / {:?}",
+        st.outcome,
+        st.error
+    );
+}
+
 fn fill_paths(h: &mut Harness<'_, StudioApp>, w: &Weights) {
     let m = &mut h.state_mut().state.model;
     m.unet = w.unet.display().to_string();
@@ -806,20 +823,8 @@ fn identity_from_a_face_photo_uses_the_detected_face_embedding() {
         app.state.sampling.per_identity = 2;
         app.state.sampling.steps = 2;
     }
-    h.step();
-    h.get_by_label("Run").click();
-    h.step();
-    step_until(&mut h, Duration::from_secs(180), "the variations", |a| {
-        a.state.is_idle()
-    });
-    let st = &h.state().state;
-    assert!(
-        matches!(st.outcome, Some(Outcome::Finished { images: 2, .. })),
-        "{:?} / {:?}",
-        st.outcome,
-        st.error
-    );
-    let grid = st.grid.as_ref().unwrap();
+    run_job(&mut h, 2);
+    let grid = h.state().state.grid.as_ref().unwrap();
     assert_eq!((grid.rows(), grid.final_images()), (1, 2));
     assert_eq!(grid.spec.rows[0].name, "obama.jpg · face 0");
 }
@@ -872,19 +877,7 @@ fn built_in_model_generates_procface_identities() {
         app.state.sampling.per_identity = 2;
         app.state.sampling.steps = 4;
     }
-    h.step();
-    h.get_by_label("Run").click();
-    h.step();
-    step_until(&mut h, Duration::from_secs(180), "the job to finish", |a| {
-        a.state.is_idle()
-    });
-    let st = &h.state().state;
-    assert!(
-        matches!(st.outcome, Some(Outcome::Finished { images: 6, .. })),
-        "{:?} / {:?}",
-        st.outcome,
-        st.error
-    );
-    let grid = st.grid.as_ref().unwrap();
+    run_job(&mut h, 6);
+    let grid = h.state().state.grid.as_ref().unwrap();
     assert_eq!((grid.rows(), grid.cols()), (3, 2));
 }

@@ -596,6 +596,16 @@ mod tests {
         assert!(missing.is_empty(), "no gradient for {missing:?}");
     }
 
+    /// The loss of a batch without CPD, as f64.
+    fn batch_loss(m: &TrainableUNet, s: &Schedule, b: &DiffusionBatch, gamma: f64) -> f64 {
+        f64::from(
+            m.loss(s, b, 0.0, gamma)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+        )
+    }
+
     /// v-prediction: the loss is the MSE against v = √ᾱ·ε − √(1−ᾱ)·x₀ of the network's own
     /// output, weighted by `min(SNR, γ)/(SNR + 1)` per sample, computed here by hand.
     #[test]
@@ -644,12 +654,7 @@ mod tests {
             noise,
             keep: vec![1.0; 2],
         };
-        let got = f64::from(
-            m.loss(&schedule, &batch, 0.0, gamma)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap(),
-        );
+        let got = batch_loss(&m, &schedule, &batch, gamma);
         assert!(
             (got - want).abs() < 1e-4 * want.max(1e-3),
             "{got} vs {want}"
@@ -677,8 +682,7 @@ mod tests {
                     noise: row(&noise, i),
                     keep: vec![1.0],
                 };
-                let l = m.loss(&schedule, &b, 0.0, 0.0).unwrap();
-                f64::from(l.to_scalar::<f32>().unwrap())
+                batch_loss(&m, &schedule, &b, 0.0)
             })
             .collect();
         let batch = DiffusionBatch {
@@ -699,23 +703,13 @@ mod tests {
             })
             .sum::<f64>()
             / 3.0;
-        let got = f64::from(
-            m.loss(&schedule, &batch, 0.0, gamma)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap(),
-        );
+        let got = batch_loss(&m, &schedule, &batch, gamma);
         assert!(
             (got - weighted).abs() < 1e-4 * weighted.max(1e-3),
             "{got} vs {weighted}"
         );
         // At t = 5 the SNR is far above γ, so that sample is down-weighted.
-        let plain = f64::from(
-            m.loss(&schedule, &batch, 0.0, 0.0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap(),
-        );
+        let plain = batch_loss(&m, &schedule, &batch, 0.0);
         let mean = single.iter().sum::<f64>() / 3.0;
         assert!((plain - mean).abs() < 1e-4 * mean, "{plain} vs {mean}");
         assert!(got < plain, "{got} !< {plain}");

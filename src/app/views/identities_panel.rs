@@ -30,14 +30,7 @@ pub fn show(ui: &mut Ui, state: &mut AppState, cx: &mut ViewCtx) {
                 .num_columns(2)
                 .spacing([8.0, 4.0])
                 .show(ui, |ui| {
-                    let label = ui.label("Count");
-                    ui.add(
-                        egui::DragValue::new(&mut f.count)
-                            .range(1..=10_000)
-                            .speed(1.0),
-                    )
-                    .labelled_by(label.id);
-                    ui.end_row();
+                    count_row(ui, &mut f.count);
                     let label = ui.label("Seed");
                     ui.horizontal(|ui| {
                         ui.add(egui::DragValue::new(&mut f.seed).speed(1.0))
@@ -51,14 +44,7 @@ pub fn show(ui: &mut Ui, state: &mut AppState, cx: &mut ViewCtx) {
                         }
                     });
                     ui.end_row();
-                    let label = ui.label("First index");
-                    ui.add(
-                        egui::DragValue::new(&mut f.first)
-                            .range(0..=10_000_000)
-                            .speed(1.0),
-                    )
-                    .labelled_by(label.id);
-                    ui.end_row();
+                    first_index_row(ui, &mut f.first);
                 });
             caption(ui, "uniform on the unit sphere, reproducible per index");
         }
@@ -67,22 +53,8 @@ pub fn show(ui: &mut Ui, state: &mut AppState, cx: &mut ViewCtx) {
                 .num_columns(2)
                 .spacing([8.0, 4.0])
                 .show(ui, |ui| {
-                    let label = ui.label("Count");
-                    ui.add(
-                        egui::DragValue::new(&mut f.count)
-                            .range(1..=10_000)
-                            .speed(1.0),
-                    )
-                    .labelled_by(label.id);
-                    ui.end_row();
-                    let label = ui.label("First index");
-                    ui.add(
-                        egui::DragValue::new(&mut f.first)
-                            .range(0..=10_000_000)
-                            .speed(1.0),
-                    )
-                    .labelled_by(label.id);
-                    ui.end_row();
+                    count_row(ui, &mut f.count);
+                    first_index_row(ui, &mut f.first);
                 });
             caption(
                 ui,
@@ -297,4 +269,20 @@ fn list(ui: &mut Ui, state: &AppState) {
                     }
                 });
         });
+}
+
+/// A "Count" row of a source's grid.
+fn count_row(ui: &mut Ui, count: &mut usize) {
+    let label = ui.label("Count");
+    ui.add(egui::DragValue::new(count).range(1..=10_000).speed(1.0))
+        .labelled_by(label.id);
+    ui.end_row();
+}
+
+/// A "First index" row of a source's grid.
+fn first_index_row(ui: &mut Ui, first: &mut usize) {
+    let label = ui.label("First index");
+    ui.add(egui::DragValue::new(first).range(0..=10_000_000).speed(1.0))
+        .labelled_by(label.id);
+    ui.end_row();
 }
