@@ -791,6 +791,16 @@ fn ds_ok(o: &Output) {
     );
 }
 
+/// Runs the fixture `generate` into `out` and checks that it succeeded.
+fn ds_generate(f: &GenFixtures, out: &Path, steps: &str, extra: &[&str]) {
+    ds_ok(
+        &bin()
+            .args(ds_generate_args(f, out, steps, extra))
+            .output()
+            .unwrap(),
+    );
+}
+
 fn ds_decode(path: &Path) -> image::RgbImage {
     idiff_studio::dataset::decode_rgb(&std::fs::read(path).unwrap()).unwrap()
 }
@@ -803,13 +813,12 @@ fn dataset_export_recordio_reads_back_curated_images_and_labels() {
     let Some(f) = gen_fixtures() else { return };
     let dir = tempfile::tempdir().unwrap();
     let gen = dir.path().join("gen");
-    let args = ds_generate_args(
+    ds_generate(
         &f,
         &gen,
         "2",
         &["--random-identities", "3", "--per-identity", "3"],
     );
-    ds_ok(&bin().args(&args).output().unwrap());
 
     // Identity 1's images (1,0), (0,1), (-1,0) have mean genuine similarity -1/3 < tau_gen;
     // image (2, 1) is rejected by hand. Kept: identity 0 (3 images) -> label 0, identity 2
@@ -930,13 +939,12 @@ fn dataset_export_to_unwritable_destination_fails_cleanly() {
     let Some(f) = gen_fixtures() else { return };
     let dir = tempfile::tempdir().unwrap();
     let gen = dir.path().join("gen");
-    let args = ds_generate_args(
+    ds_generate(
         &f,
         &gen,
         "2",
         &["--random-identities", "2", "--per-identity", "1"],
     );
-    ds_ok(&bin().args(&args).output().unwrap());
     let file = dir.path().join("file.txt");
     std::fs::write(&file, b"not a folder").unwrap();
     let before: Vec<_> = tree_bytes(dir.path());
@@ -993,18 +1001,12 @@ fn merged_shards_equal_a_single_run_byte_for_byte() {
         "5",
     ];
     let single = dir.path().join("single");
-    ds_ok(
-        &bin()
-            .args(ds_generate_args(&f, &single, "2", &common))
-            .output()
-            .unwrap(),
-    );
+    ds_generate(&f, &single, "2", &common);
     let mut shards = Vec::new();
     for i in 0..3 {
         let out = dir.path().join(format!("shard{i}"));
         let spec = format!("{i}/3");
-        let args = ds_generate_args(&f, &out, "2", &[&common[..], &["--shard", &spec]].concat());
-        ds_ok(&bin().args(args).output().unwrap());
+        ds_generate(&f, &out, "2", &[&common[..], &["--shard", &spec]].concat());
         shards.push(out);
     }
     let merged = dir.path().join("merged");
@@ -1060,13 +1062,12 @@ fn merged_shards_equal_a_single_run_byte_for_byte() {
     ]);
     assert_one_line_error(&o, "incomplete");
     let foreign = dir.path().join("foreign");
-    let args = ds_generate_args(
+    ds_generate(
         &f,
         &foreign,
         "3",
         &[&common[..], &["--shard", "1/3"]].concat(),
     );
-    ds_ok(&bin().args(args).output().unwrap());
     let o = run(&[
         "merge",
         "--from",
@@ -1132,12 +1133,7 @@ fn generate_killed_mid_run_resumes_to_identical_bytes() {
 
     ds_ok(&bin().args(&args).output().unwrap());
     let full = dir.path().join("full");
-    ds_ok(
-        &bin()
-            .args(ds_generate_args(&f, &full, "8", &common))
-            .output()
-            .unwrap(),
-    );
+    ds_generate(&f, &full, "8", &common);
     assert_eq!(tree_bytes(&killed), tree_bytes(&full));
 }
 
