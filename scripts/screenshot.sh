@@ -8,7 +8,8 @@
 #                                         embeds it, i.e. all six assets/default files)
 #
 # Needs: xvfb xauth imagemagick x11-apps (installed with apt-get when missing), the fixtures
-# ($IDIFF_FIXTURES or ../shared/fixtures) and a debug build (built here if needed).
+# ($IDIFF_FIXTURES or ../shared/fixtures) and a debug build (built here if needed; BIN=path
+# uses another binary, e.g. BIN=target/release/idiff-studio).
 # Also prints the UI thread's p50/p99 frame time while the job was sampling.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,8 +38,8 @@ else
     [[ -f "$fixtures/$f" ]] || { echo "fixture $fixtures/$f missing (set IDIFF_FIXTURES)" >&2; exit 1; }
   done
 fi
-[[ -n "${SKIP_BUILD:-}" ]] || cargo build --bin idiff-studio
-bin=target/debug/idiff-studio
+bin="${BIN:-target/debug/idiff-studio}"
+[[ -n "${SKIP_BUILD:-}${BIN:-}" ]] || cargo build --bin idiff-studio
 
 tmp=$(mktemp -d)
 trap 'kill ${app_pid:-} ${xvfb_pid:-} 2>/dev/null || true; rm -rf "$tmp"' EXIT
@@ -66,5 +67,5 @@ sleep 0.5
 mkdir -p "$(dirname "$out")"
 import -window root -display "$display" "$tmp/shot.png"
 # A 32-colour palette keeps the file under 300 KB (the noisy tiles of the tiny model compress badly).
-convert "$tmp/shot.png" +dither -colors 32 -define png:compression-level=9 "$out"
+convert "$tmp/shot.png" +dither -colors "${COLORS:-32}" -define png:compression-level=9 "$out"
 echo "screenshot: $out ($(du -k "$out" | cut -f1) KB)"

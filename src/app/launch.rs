@@ -136,6 +136,9 @@ pub fn run(opts: StudioArgs) -> anyhow::Result<()> {
             if opts.procface_identities.is_some() || !restored {
                 use_procface_identities(&mut app, procface);
             }
+            if !restored && builtin.as_ref().is_some_and(|b| b.is_ok()) {
+                app.state.sampling.guidance = BUILTIN_GUIDANCE;
+            }
             apply_flags(&mut app, &opts);
             Ok(Box::new(Launched::new(app, opts)))
         }),
@@ -186,6 +189,11 @@ pub fn use_builtin_default(
         }
     }
 }
+
+/// The guidance scale the studio starts with on the built-in model (without a saved
+/// workspace): its unconditional branch is trained, and guidance makes its identities far
+/// more consistent (`assets/MODEL_CARD.md`, metrics). `--guidance` overrides it.
+pub const BUILTIN_GUIDANCE: f64 = 3.0;
 
 /// The ProcFace identities to start with: `--procface-identities N`, else 8 when the studio
 /// opens on the built-in model with no `--identities`. Their contexts are computed here,

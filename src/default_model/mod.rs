@@ -185,9 +185,10 @@ mod tests {
     }
 
     /// Lower bounds for `shipped_default_keeps_identities`, about two thirds of what the
-    /// shipped weights measure there (the run is deterministic).
-    const SHIPPED_MIN_SEPARATION: f64 = 0.1;
-    const SHIPPED_MIN_CONTEXT_COSINE: f64 = 0.1;
+    /// shipped weights measure there (separation 0.354, context cosine 0.390; the run is
+    /// deterministic). The ε-predicting U-Net before it scored 0.03 and 0.01.
+    const SHIPPED_MIN_SEPARATION: f64 = 0.24;
+    const SHIPPED_MIN_CONTEXT_COSINE: f64 = 0.26;
 
     /// The repository ships the default model, so every build embeds it.
     fn require_embedded() {
