@@ -79,13 +79,15 @@ impl IdentitySource {
                     "ProcFace identities are {got}-d contexts of the built-in FR model, but this \
                      U-Net takes {width}-d contexts (use them with the built-in U-Net)"
                 );
-                let seed0 = crate::default_model::eval::EVAL_FIRST_IDENTITY as usize + first;
                 Ok(rows
                     .into_iter()
                     .enumerate()
                     .map(|(i, context)| Identity {
                         index: first + i,
-                        name: format!("procface {}", seed0 + i),
+                        name: format!(
+                            "procface {}",
+                            crate::default_model::eval::procface_identity_seed(first + i)
+                        ),
                         context,
                     })
                     .collect())

@@ -45,11 +45,11 @@ pub fn random_identities(
 /// ProcFace identities `first..first + rows.len()` (seeds from 2,000,000 + `first`), keyed by
 /// their index as `generate --procface-identities` does.
 pub fn procface_identities(first: usize, rows: Vec<Vec<f32>>) -> Vec<IdentityEntry> {
-    let seed0 = crate::default_model::eval::EVAL_FIRST_IDENTITY as usize + first;
+    use crate::default_model::eval::procface_identity_seed;
     rows.into_iter()
         .enumerate()
         .map(|(i, row)| IdentityEntry {
-            name: format!("ProcFace {}", seed0 + i),
+            name: format!("ProcFace {}", procface_identity_seed(first + i)),
             origin: format!("ProcFace · #{}", first + i),
             key: (first + i) as u64,
             context: Arc::new(row),

@@ -113,7 +113,7 @@ pub fn run(opts: StudioArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    let procface = procface_start_list(&opts, builtin.is_some());
+    let procface = procface_start_count(&opts, builtin.is_some());
     eframe::run_native(
         "idiff-studio",
         native,
@@ -133,8 +133,8 @@ pub fn run(opts: StudioArgs) -> anyhow::Result<()> {
             if use_builtin_default(&mut app, builtin.as_ref()) && !opts.run {
                 app.state.load_model(&app.worker);
             }
-            if opts.procface_identities.is_some() || !restored {
-                use_procface_identities(&mut app, procface);
+            if let Some(n) = procface.filter(|_| opts.procface_identities.is_some() || !restored) {
+                start_procface_identities(&mut app, n);
             }
             if !restored && builtin.as_ref().is_some_and(|b| b.is_ok()) {
                 app.state.sampling.guidance = BUILTIN_GUIDANCE;
@@ -195,41 +195,28 @@ pub fn use_builtin_default(
 /// more consistent (`assets/MODEL_CARD.md`, metrics). `--guidance` overrides it.
 pub const BUILTIN_GUIDANCE: f64 = 3.0;
 
-/// The ProcFace identities to start with: `--procface-identities N`, else 8 when the studio
-/// opens on the built-in model with no `--identities`. Their contexts are computed here,
-/// before the window opens (the built-in FR model on 2 renders per identity).
-pub fn procface_start_list(
-    opts: &StudioArgs,
-    builtin: bool,
-) -> Option<anyhow::Result<Vec<Vec<f32>>>> {
-    let n = match (
+/// How many ProcFace identities to start with: `--procface-identities N`, else 8 when the
+/// studio opens on the built-in model with no `--identities`.
+pub fn procface_start_count(opts: &StudioArgs, builtin: bool) -> Option<usize> {
+    match (
         opts.procface_identities,
         builtin && opts.identities.is_none(),
     ) {
-        (Some(n), _) => n,
-        (None, true) => 8,
-        (None, false) => return None,
-    };
-    Some(crate::default_model::eval::builtin_procface_contexts(
-        0,
-        n.clamp(1, 10_000),
-    ))
+        (Some(n), _) => Some(n),
+        (None, true) => Some(8),
+        (None, false) => None,
+    }
 }
 
-/// Makes `list` (from [`procface_start_list`]) the identity list, with the Identities panel
-/// on its ProcFace source; a failure becomes an error message.
-pub fn use_procface_identities(app: &mut StudioApp, list: Option<anyhow::Result<Vec<Vec<f32>>>>) {
-    let s = &mut app.state;
-    match list {
-        None => {}
-        Some(Ok(rows)) => {
-            s.identity_form.kind = super::forms::IdentitySourceKind::Procface;
-            s.identity_form.first = 0;
-            s.identity_form.count = rows.len();
-            s.identities = super::identities::procface_identities(0, rows);
-        }
-        Some(Err(e)) => s.error = Some(format!("ProcFace identities: {e:#}")),
-    }
+/// Puts the Identities panel on its ProcFace source with `n` identities from index 0 and
+/// applies it, as its Apply button does: the contexts are computed on a background thread
+/// and arrive as an event (an automatic run waits for them).
+pub fn start_procface_identities(app: &mut StudioApp, n: usize) {
+    let f = &mut app.state.identity_form;
+    f.kind = super::forms::IdentitySourceKind::Procface;
+    f.first = 0;
+    f.count = n;
+    app.apply_identity_form();
 }
 
 /// Puts the command-line choices into the state.
@@ -315,7 +302,7 @@ impl Launched {
                 s.load_model(&self.app.worker);
                 Stage::WaitLoad
             }
-            Stage::WaitLoad if s.is_idle() => {
+            Stage::WaitLoad if s.is_idle() && !s.contexts_loading => {
                 if s.model_info().is_some() {
                     s.run(&self.app.worker);
                     Stage::WaitRun
@@ -388,28 +375,35 @@ mod tests {
     use crate::app::forms::IdentitySourceKind;
 
     /// The studio starts on ProcFace identities only with the built-in model (and no
-    /// `--identities`), or when asked to.
+    /// `--identities`), or when asked to; they arrive from the background like the panel's.
     #[test]
     fn procface_identities_at_start() {
         let none = StudioArgs::default();
-        assert!(procface_start_list(&none, false).is_none());
+        assert_eq!(procface_start_count(&none, false), None);
         let random = StudioArgs {
             identities: Some(3),
             ..Default::default()
         };
-        assert!(procface_start_list(&random, true).is_none());
-        let rows = procface_start_list(&none, true).unwrap().unwrap();
-        assert_eq!(rows.len(), 8);
+        assert_eq!(procface_start_count(&random, true), None);
+        assert_eq!(procface_start_count(&none, true), Some(8));
         let asked = StudioArgs {
             procface_identities: Some(2),
             ..Default::default()
         };
-        let list = procface_start_list(&asked, false);
+        assert_eq!(procface_start_count(&asked, false), Some(2));
         let mut app = StudioApp::new();
-        use_procface_identities(&mut app, list);
+        start_procface_identities(&mut app, 2);
+        assert!(app.state.contexts_loading);
+        let start = std::time::Instant::now();
+        while app.state.contexts_loading {
+            assert!(start.elapsed().as_secs() < 60, "no ProcFace identities");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            app.pump_events();
+        }
         let s = &app.state;
         assert_eq!(s.identity_form.kind, IdentitySourceKind::Procface);
         assert_eq!(s.identities.len(), 2);
+        let rows = crate::default_model::eval::builtin_procface_contexts(0, 2).unwrap();
         assert_eq!(
             *s.identities[1].context, rows[1],
             "same identity, same context"

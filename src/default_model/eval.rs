@@ -119,6 +119,12 @@ pub fn procface_contexts(
     Ok(emb.chunks(2).map(centroid).collect())
 }
 
+/// The ProcFace identity seed of new identity `index` (evaluation, studio and
+/// `generate --procface-identities`): [`EVAL_FIRST_IDENTITY`] + index.
+pub fn procface_identity_seed(index: usize) -> u64 {
+    EVAL_FIRST_IDENTITY + index as u64
+}
+
 /// Contexts for the built-in model of new ProcFace identities `first..first + n` (seeds
 /// from [`EVAL_FIRST_IDENTITY`], never seen in training), by the built-in FR model: the
 /// studio's and `generate --procface-identities`' identities with a known face.
@@ -129,7 +135,7 @@ pub fn builtin_procface_contexts(first: usize, n: usize) -> Result<Vec<Vec<f32>>
     );
     let device = Device::Cpu;
     let fr = DefaultModel::embedded()?.fr_model(&device)?;
-    procface_contexts(&fr, EVAL_FIRST_IDENTITY + first as u64, n, &device)
+    procface_contexts(&fr, procface_identity_seed(first), n, &device)
 }
 
 /// Samples `per_identity` images of every context under `settings` and scores them.
