@@ -336,6 +336,7 @@ fn synthetic_grid(rows: usize, cols: usize) -> Grid {
                 name: format!("id {i}"),
                 origin: format!("seed 0 · #{i}"),
                 key: i as u64,
+                reference: None,
             })
             .collect(),
         columns: (0..cols).map(|c| format!("sample {c}")).collect(),
@@ -880,4 +881,19 @@ fn built_in_model_generates_procface_identities() {
     run_job(&mut h, 6);
     let grid = h.state().state.grid.as_ref().unwrap();
     assert_eq!((grid.rows(), grid.cols()), (3, 2));
+    // Each row starts with its identity's reference render (the face its context came from).
+    assert_eq!(
+        grid.spec.rows[1].reference.as_deref(),
+        Some(&idiff_studio::app::identities::procface_reference(3))
+    );
+    h.run();
+    for r in 0..3 {
+        h.get_by_label(&format!("reference {r}"));
+    }
+    // The zoom view of an identity shows its reference first.
+    h.get_by_label("image 1/0").click();
+    h.run();
+    assert_eq!(h.state().state.zoom, Some(1));
+    h.get_by_label("reference 1");
+    assert!(h.query_by_label("reference 0").is_none());
 }

@@ -17,6 +17,13 @@ pub struct RowLabel {
     pub origin: String,
     /// Seed-contract identity index.
     pub key: u64,
+    /// The identity's reference picture, drawn before the row's images.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::app::identities::png_base64"
+    )]
+    pub reference: Option<Arc<RgbImage>>,
 }
 
 /// What produced a grid: enough to label it, to show its settings and to re-run it.
@@ -206,6 +213,7 @@ mod tests {
                     name: format!("{i}"),
                     origin: String::new(),
                     key: i as u64,
+                    reference: None,
                 })
                 .collect(),
             columns: (0..cols).map(|c| format!("s{c}")).collect(),

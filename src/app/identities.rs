@@ -3,8 +3,12 @@
 
 use crate::identity::{slerp, Contexts};
 use anyhow::{ensure, Result};
+use image::RgbImage;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
+
+/// Side of a ProcFace identity's reference render.
+pub const REFERENCE_SIZE: u32 = 112;
 
 /// One identity of the list.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -18,6 +22,10 @@ pub struct IdentityEntry {
     /// The context vector.
     #[serde(with = "f32_base64")]
     pub context: Arc<Vec<f32>>,
+    /// A picture of who the identity is (ProcFace frontal render, photo face crop), shown
+    /// beside its grid row; `None` for identities without one.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "png_base64")]
+    pub reference: Option<Arc<RgbImage>>,
 }
 
 /// `n` uniform random identities `first..first+n` from `seed`.
@@ -37,13 +45,15 @@ pub fn random_identities(
                 origin: format!("seed {seed} · #{k}"),
                 key: k as u64,
                 context: Arc::new(c.row(i).to_vec()),
+                reference: None,
             }
         })
         .collect())
 }
 
 /// ProcFace identities `first..first + rows.len()` (seeds from 2,000,000 + `first`), keyed by
-/// their index as `generate --procface-identities` does.
+/// their index as `generate --procface-identities` does, each with its frontal render as
+/// reference (a few milliseconds each: call off the GUI thread).
 pub fn procface_identities(first: usize, rows: Vec<Vec<f32>>) -> Vec<IdentityEntry> {
     use crate::default_model::eval::procface_identity_seed;
     rows.into_iter()
@@ -53,8 +63,21 @@ pub fn procface_identities(first: usize, rows: Vec<Vec<f32>>) -> Vec<IdentityEnt
             origin: format!("ProcFace · #{}", first + i),
             key: (first + i) as u64,
             context: Arc::new(row),
+            reference: Some(Arc::new(procface_reference(first + i))),
         })
         .collect()
+}
+
+/// The frontal, neutral render of new ProcFace identity `index` (seed 2,000,000 + `index`):
+/// the face its context was taken from, without pose, light or accessories.
+pub fn procface_reference(index: usize) -> RgbImage {
+    use crate::procface::{render, FaceIdentity, Nuisance};
+    let seed = crate::default_model::eval::procface_identity_seed(index);
+    render(
+        &FaceIdentity::from_seed(seed),
+        &Nuisance::neutral(),
+        REFERENCE_SIZE,
+    )
 }
 
 /// Identities from the rows of a context file.
@@ -70,6 +93,7 @@ pub fn file_identities(
             origin: format!("{file_label} · row {i}"),
             key: i as u64,
             context: Arc::new(row),
+            reference: None,
         })
         .collect()
 }
@@ -95,9 +119,40 @@ pub fn interpolate(
                     a.key.wrapping_add(i as u64)
                 },
                 context: Arc::new(slerp(&a.context, &b.context, t)?),
+                reference: None,
             })
         })
         .collect()
+}
+
+/// Serialises an optional reference image as base64 of its PNG (sessions keep it).
+pub(crate) mod png_base64 {
+    use super::f32_base64::{decode, encode};
+    use image::RgbImage;
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::sync::Arc;
+
+    pub fn serialize<S: Serializer>(v: &Option<Arc<RgbImage>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            None => s.serialize_none(),
+            Some(img) => {
+                let mut png = Vec::new();
+                img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+                    .map_err(serde::ser::Error::custom)?;
+                s.serialize_some(&encode(&png))
+            }
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Arc<RgbImage>>, D::Error> {
+        let Some(text) = Option::<String>::deserialize(d)? else {
+            return Ok(None);
+        };
+        let png = decode(&text).map_err(serde::de::Error::custom)?;
+        let img = image::load_from_memory_with_format(&png, image::ImageFormat::Png)
+            .map_err(|e| serde::de::Error::custom(format!("reference image: {e}")))?;
+        Ok(Some(Arc::new(img.to_rgb8())))
+    }
 }
 
 /// Serialises `Vec<f32>` as base64 of little-endian bytes (compact session files).
@@ -193,6 +248,7 @@ mod tests {
         assert_eq!(ids[1].key, 3);
         assert_eq!(*ids[1].context, crate::identity::uniform_context(7, 3, 512));
         let json = serde_json::to_string(&ids).unwrap();
+        assert!(!json.contains("reference"), "{json}");
         let back: Vec<IdentityEntry> = serde_json::from_str(&json).unwrap();
         assert_eq!(back, ids);
     }
@@ -213,6 +269,17 @@ mod tests {
             assert_eq!(*gui.context, cli.context);
         }
         assert_eq!(ids[0].name, "ProcFace 2000004");
+        // Each carries its frontal render; sessions keep it exactly (PNG is lossless).
+        let reference = ids[1].reference.as_deref().unwrap();
+        assert_eq!(reference.dimensions(), (REFERENCE_SIZE, REFERENCE_SIZE));
+        assert_eq!(*reference, procface_reference(5));
+        assert_ne!(ids[0].reference, ids[1].reference);
+        let json = serde_json::to_string(&ids).unwrap();
+        let back: Vec<IdentityEntry> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, ids);
+        let broken = json.replacen("\"reference\":\"", "\"reference\":\"AAAA", 1);
+        let err = serde_json::from_str::<Vec<IdentityEntry>>(&broken).unwrap_err();
+        assert!(err.to_string().contains("reference image"), "{err}");
         assert_eq!(cli[2].name, "procface 2000006");
         // The same identity seed always gives the same context; different seeds differ.
         let again = crate::default_model::eval::builtin_procface_contexts(5, 1).unwrap();

@@ -108,6 +108,7 @@ impl AppState {
             origin: format!("photo · score {:.2}", face.score),
             key,
             context: face.embedding.clone(),
+            reference: Some(face.crop.clone()),
         };
         p.error = None;
         if replace {
@@ -161,6 +162,11 @@ mod tests {
         let last = s.identities.last().unwrap();
         assert_eq!(last.name, "obama.jpg · face 0");
         assert_eq!(last.key, n as u64);
+        let crop = &s.photo_faces.result.as_ref().unwrap().1.faces[0].crop;
+        assert!(
+            Arc::ptr_eq(last.reference.as_ref().unwrap(), crop),
+            "the face crop is the reference"
+        );
         assert!(s.photo_faces.error.is_none());
         s.use_photo_face(3);
         assert!(s

@@ -6,9 +6,7 @@ use super::forms::{
     IdentityForm, IdentitySourceKind, ModelForm, RunMode, SamplingForm, SweepParam,
 };
 use super::grid::{Grid, GridSpec, RowLabel};
-use super::identities::{
-    file_identities, interpolate, procface_identities, random_identities, IdentityEntry,
-};
+use super::identities::{file_identities, interpolate, random_identities, IdentityEntry};
 use crate::diffusion::rng::ImageKey;
 use crate::identity::DEFAULT_CONTEXT_DIM;
 use crate::worker::protocol::LoadedContexts;
@@ -377,6 +375,7 @@ impl AppState {
                 name: i.name.clone(),
                 origin: i.origin.clone(),
                 key: i.key,
+                reference: i.reference.clone(),
             })
             .collect()
     }
@@ -631,10 +630,10 @@ impl AppState {
                     Err(e) => self.error = Some(e),
                 }
             }
-            Event::ProcfaceIdentities { first, result } => {
+            Event::ProcfaceIdentities(result) => {
                 self.contexts_loading = false;
                 match result {
-                    Ok(rows) => self.set_identities(procface_identities(first, rows)),
+                    Ok(ids) => self.set_identities(ids),
                     Err(e) => self.error = Some(e),
                 }
             }

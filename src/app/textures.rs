@@ -7,10 +7,14 @@
 
 use super::grid::CellImage;
 use egui::{ColorImage, TextureHandle, TextureId, TextureOptions};
+use image::RgbImage;
 use std::collections::HashMap;
 
 /// Identifies a grid cell across jobs.
 pub type CellKey = (u64, usize, usize);
+
+/// The column slot of a row's reference picture in [`CellKey`].
+const REFERENCE_COLUMN: usize = usize::MAX;
 
 struct Entry {
     texture: TextureHandle,
@@ -69,14 +73,35 @@ impl Thumbnails {
         key: CellKey,
         cell: &CellImage,
     ) -> Option<TextureId> {
+        self.image_texture(ctx, key, &cell.image, cell.version)
+    }
+
+    /// The texture of row `row`'s reference picture in grid `job` (it never changes).
+    pub fn reference(
+        &mut self,
+        ctx: &egui::Context,
+        job: u64,
+        row: usize,
+        image: &RgbImage,
+    ) -> Option<TextureId> {
+        self.image_texture(ctx, (job, row, REFERENCE_COLUMN), image, 0)
+    }
+
+    fn image_texture(
+        &mut self,
+        ctx: &egui::Context,
+        key: CellKey,
+        image: &RgbImage,
+        version: u64,
+    ) -> Option<TextureId> {
         let frame = self.frame;
         if let Some(e) = self.map.get_mut(&key) {
-            if e.version != cell.version && self.left_this_frame > 0 {
-                e.texture.set(color_image(cell), TextureOptions::LINEAR);
-                e.version = cell.version;
+            if e.version != version && self.left_this_frame > 0 {
+                e.texture.set(color_image(image), TextureOptions::LINEAR);
+                e.version = version;
                 self.uploads += 1;
                 self.left_this_frame -= 1;
-            } else if e.version != cell.version {
+            } else if e.version != version {
                 self.deferred = true;
             }
             e.last_used = frame;
@@ -89,7 +114,7 @@ impl Thumbnails {
         self.left_this_frame -= 1;
         let texture = ctx.load_texture(
             format!("cell-{}-{}-{}", key.0, key.1, key.2),
-            color_image(cell),
+            color_image(image),
             TextureOptions::LINEAR,
         );
         let id = texture.id();
@@ -98,7 +123,7 @@ impl Thumbnails {
             key,
             Entry {
                 texture,
-                version: cell.version,
+                version,
                 last_used: frame,
             },
         );
@@ -131,7 +156,7 @@ impl Thumbnails {
     }
 }
 
-fn color_image(cell: &CellImage) -> ColorImage {
-    let (w, h) = cell.image.dimensions();
-    ColorImage::from_rgb([w as usize, h as usize], cell.image.as_raw())
+fn color_image(image: &RgbImage) -> ColorImage {
+    let (w, h) = image.dimensions();
+    ColorImage::from_rgb([w as usize, h as usize], image.as_raw())
 }

@@ -50,13 +50,14 @@ pub fn spawn_load_contexts(path: PathBuf, dim: usize, events: EventSender) {
     });
 }
 
-/// Embeds new ProcFace identities `first..first + count` with the built-in FR model,
-/// reporting [`Event::ProcfaceIdentities`].
+/// Embeds new ProcFace identities `first..first + count` with the built-in FR model and
+/// renders their references, reporting [`Event::ProcfaceIdentities`].
 pub fn spawn_procface_identities(first: usize, count: usize, events: EventSender) {
     std::thread::spawn(move || {
         let result = crate::default_model::eval::builtin_procface_contexts(first, count)
+            .map(|rows| crate::app::identities::procface_identities(first, rows))
             .map_err(|e| one_line(&format!("{e:#}")));
-        events.send(Event::ProcfaceIdentities { first, result });
+        events.send(Event::ProcfaceIdentities(result));
     });
 }
 

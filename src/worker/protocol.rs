@@ -232,14 +232,9 @@ pub enum Event {
     Exported(Result<PathBuf, String>),
     /// A background context-file load finished.
     ContextsLoaded(Result<LoadedContexts, String>),
-    /// Background ProcFace identities (Identities panel) are ready: the index of the first
-    /// and one context per identity, or a one-line error.
-    ProcfaceIdentities {
-        /// Index of the first identity.
-        first: usize,
-        /// The contexts.
-        result: Result<Vec<Vec<f32>>, String>,
-    },
+    /// Background ProcFace identities (Identities panel) are ready, with their reference
+    /// renders, or a one-line error.
+    ProcfaceIdentities(Result<Vec<crate::app::identities::IdentityEntry>, String>),
     /// A background session save finished: the file written or a one-line error.
     SessionSaved(Result<PathBuf, String>),
     /// A background session read finished: the file and its session, or a one-line error.

@@ -1,7 +1,7 @@
 //! The identity grid: rows = identities, columns = samples (or sweep values), virtually
 //! scrolled so only visible rows are laid out.
 
-use super::thumb::tile;
+use super::thumb::{reference_tile, tile};
 use super::ViewCtx;
 use crate::app::state::AppState;
 use crate::app::style;
@@ -22,7 +22,13 @@ pub fn show(ui: &mut Ui, state: &mut AppState, cx: &mut ViewCtx) {
         return;
     };
     let gap = 4.0;
-    let thumb = fit_thumb(ui.available_width(), grid.cols(), cx.thumb_size, gap);
+    let references = grid.spec.rows.iter().any(|r| r.reference.is_some());
+    let thumb = fit_thumb(
+        ui.available_width(),
+        grid.cols() + usize::from(references),
+        cx.thumb_size,
+        gap,
+    );
     // Column header.
     ui.horizontal(|ui| {
         ui.spacing_mut().item_spacing.x = gap;
@@ -30,6 +36,12 @@ pub fn show(ui: &mut Ui, state: &mut AppState, cx: &mut ViewCtx) {
             [LABEL_W, 16.0],
             egui::Label::new(RichText::new("identity").small().color(style::MUTED)),
         );
+        if references {
+            ui.add_sized(
+                [thumb, 16.0],
+                egui::Label::new(RichText::new("reference").small().color(style::OK)).truncate(),
+            );
+        }
         for c in &grid.spec.columns {
             let text = if thumb < 56.0 {
                 c.trim_start_matches("sample ").to_string()
@@ -98,6 +110,9 @@ pub fn show(ui: &mut Ui, state: &mut AppState, cx: &mut ViewCtx) {
                         });
                     },
                 );
+                if references {
+                    reference_tile(ui, grid, cx.thumbs, r, thumb);
+                }
                 for c in 0..grid.cols() {
                     let t = tile(
                         ui,

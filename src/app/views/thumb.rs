@@ -35,6 +35,31 @@ pub fn tile(
     }
 }
 
+/// Draws row `row`'s reference picture (or an empty slot for a row without one) at `size`,
+/// framed so it is not mistaken for a generated image.
+pub fn reference_tile(ui: &mut Ui, grid: &Grid, thumbs: &mut Thumbnails, row: usize, size: f32) {
+    let (rect, resp) = ui.allocate_exact_size(Vec2::splat(size), Sense::hover());
+    let Some(image) = grid.spec.rows[row].reference.as_ref() else {
+        return;
+    };
+    let label = format!("reference {row}");
+    resp.widget_info(|| egui::WidgetInfo::labeled(egui::accesskit::Role::Image, true, &label));
+    resp.on_hover_text("Reference: the face this identity's context was taken from");
+    if !ui.is_rect_visible(rect) {
+        return;
+    }
+    let painter = ui.painter();
+    match thumbs.reference(ui.ctx(), grid.job, row, image) {
+        Some(tex) => egui::Image::new(egui::load::SizedTexture::new(tex, rect.size()))
+            .corner_radius(3)
+            .paint_at(ui, rect),
+        None => {
+            painter.rect_filled(rect, 3, style::EMPTY_CELL);
+        }
+    }
+    painter.rect_stroke(rect, 3, Stroke::new(1.5, style::OK), StrokeKind::Inside);
+}
+
 #[allow(clippy::too_many_arguments)]
 fn paint(
     ui: &Ui,

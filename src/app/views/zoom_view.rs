@@ -1,6 +1,6 @@
 //! The zoom view: every image of one identity, large, with the settings that made them.
 
-use super::thumb::tile;
+use super::thumb::{reference_tile, tile};
 use super::ViewCtx;
 use crate::app::state::AppState;
 use crate::app::style;
@@ -75,7 +75,15 @@ pub fn show(ui: &mut Ui, state: &mut AppState, cx: &mut ViewCtx) {
     ui.separator();
     let gap = 14.0;
     let avail = ui.available_width() - 16.0;
-    let cols = grid.cols().max(1);
+    // The reference picture (when the identity has one) comes first, then every image.
+    let slots: Vec<Option<usize>> = label
+        .reference
+        .as_ref()
+        .map(|_| None)
+        .into_iter()
+        .chain((0..grid.cols()).map(Some))
+        .collect();
+    let cols = slots.len().max(1);
     // As large as wanted, but at least two per row when there are several.
     let size = cx
         .zoom_size
@@ -88,12 +96,17 @@ pub fn show(ui: &mut Ui, state: &mut AppState, cx: &mut ViewCtx) {
         .auto_shrink([false, false])
         .show(ui, |ui| {
             ui.spacing_mut().item_spacing = egui::vec2(gap, gap);
-            for first in (0..cols).step_by(per_row) {
+            for line in slots.chunks(per_row) {
                 ui.horizontal_top(|ui| {
-                    for c in first..(first + per_row).min(cols) {
+                    for slot in line {
                         ui.vertical(|ui| {
                             ui.set_width(size);
                             ui.spacing_mut().item_spacing.y = 4.0;
+                            let Some(c) = *slot else {
+                                reference_tile(ui, grid, cx.thumbs, row, size);
+                                ui.label(RichText::new("reference").small().color(style::OK));
+                                return;
+                            };
                             let selected = state.selection == Some((row, c));
                             let t = tile(ui, grid, cx.thumbs, (row, c), size, selected);
                             if t.clicked {
