@@ -10,6 +10,7 @@ use crate::diffusion::rng::{ImageKey, SEED_CONTRACT_VERSION};
 use crate::diffusion::sampler::SamplingSettings;
 use crate::pipeline::{sha256_file, Pipeline, WeightPaths};
 use anyhow::{bail, Context, Result};
+use image::imageops::FilterType;
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -390,7 +391,7 @@ pub fn run_generate(
             });
         }
     }
-    write_grid(&req.out, &manifest.completed, req.per_identity)?;
+    write_grid(&req.out, &manifest)?;
     manifest.status = "complete".into();
     write_json_atomic(&manifest_path, &manifest)?;
     Ok(GenerateOutcome::Complete)
@@ -478,10 +479,16 @@ fn write_identity(out: &Path, identity: usize, images: &[RgbImage]) -> Result<()
 /// Most identities (rows) and samples (columns) shown in `grid.png`.
 pub const GRID_MAX: usize = 16;
 
-/// Composes `grid.png` from the first identities on disk (rows) and their first samples.
-pub fn write_grid(out: &Path, completed: &[usize], per_identity: usize) -> Result<()> {
-    let rows: Vec<usize> = completed.iter().copied().take(GRID_MAX).collect();
-    let cols = per_identity.min(GRID_MAX);
+/// Composes `grid.png` from the first identities on disk (rows) and their first samples;
+/// ProcFace identities' rows start with their reference render (see
+/// [`crate::default_model::eval::procface_reference`]), scaled to the samples' size.
+pub fn write_grid(out: &Path, manifest: &Manifest) -> Result<()> {
+    let rows: Vec<usize> = manifest.completed.iter().copied().take(GRID_MAX).collect();
+    let cols = manifest.generation.per_identity.min(GRID_MAX);
+    let procface = matches!(
+        manifest.generation.identities,
+        IdentitySource::Procface { .. }
+    );
     let mut tiles = Vec::new();
     for &id in &rows {
         let mut row = Vec::new();
@@ -489,6 +496,12 @@ pub fn write_grid(out: &Path, completed: &[usize], per_identity: usize) -> Resul
             let p = out.join(identity_dir_name(id)).join(sample_file_name(s));
             let img = image::open(&p).with_context(|| format!("cannot read {}", p.display()))?;
             row.push(img.to_rgb8());
+        }
+        if let (true, Some(first)) = (procface, row.first()) {
+            let (w, h) = first.dimensions();
+            let reference = crate::default_model::eval::procface_reference(id);
+            let scaled = image::imageops::resize(&reference, w, h, FilterType::Triangle);
+            row.insert(0, scaled);
         }
         tiles.push(row);
     }

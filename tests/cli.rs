@@ -519,6 +519,57 @@ fn generate_from_reference_context_file() {
     }
 }
 
+/// `generate --procface-identities` on the built-in model: ProcFace folders and a manifest
+/// that names the source, and a grid whose rows start with each identity's reference render.
+#[test]
+fn generate_procface_identities_with_reference_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("pf");
+    let o = run(&[
+        "generate",
+        "--procface-identities",
+        "2",
+        "--first-identity",
+        "3",
+        "--per-identity",
+        "2",
+        "--sampler",
+        "ddim",
+        "--steps",
+        "2",
+        "--out",
+        s(&out),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["generation"]["identities"]["source"], "procface");
+    assert_eq!(manifest["completed"], serde_json::json!([3, 4]));
+    let sample = image::open(out.join("000004/0001.png")).unwrap().to_rgb8();
+    let side = sample.width();
+    let grid = image::open(out.join("grid.png")).unwrap().to_rgb8();
+    // Reference + 2 samples per row, 2 rows, 2-pixel gaps.
+    assert_eq!(grid.dimensions(), (3 * (side + 2) + 2, 2 * (side + 2) + 2));
+    let tile = |col: u32, row: u32| {
+        image::imageops::crop_imm(
+            &grid,
+            2 + col * (side + 2),
+            2 + row * (side + 2),
+            side,
+            side,
+        )
+        .to_image()
+    };
+    let reference = image::imageops::resize(
+        &idiff_studio::default_model::eval::procface_reference(4),
+        side,
+        side,
+        image::imageops::FilterType::Triangle,
+    );
+    assert_eq!(tile(0, 1), reference);
+    assert_eq!(tile(2, 1), sample);
+}
+
 // ---- analysis: `metrics`, `analyze` ----
 
 /// Compares a `metrics --json` output with pyeer's expected values (1 ulp).

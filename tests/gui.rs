@@ -884,7 +884,7 @@ fn built_in_model_generates_procface_identities() {
     // Each row starts with its identity's reference render (the face its context came from).
     assert_eq!(
         grid.spec.rows[1].reference.as_deref(),
-        Some(&idiff_studio::app::identities::procface_reference(3))
+        Some(&idiff_studio::default_model::eval::procface_reference(3))
     );
     h.run();
     for r in 0..3 {

@@ -7,9 +7,6 @@ use image::RgbImage;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
-/// Side of a ProcFace identity's reference render.
-pub const REFERENCE_SIZE: u32 = 112;
-
 /// One identity of the list.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IdentityEntry {
@@ -55,7 +52,7 @@ pub fn random_identities(
 /// their index as `generate --procface-identities` does, each with its frontal render as
 /// reference (a few milliseconds each: call off the GUI thread).
 pub fn procface_identities(first: usize, rows: Vec<Vec<f32>>) -> Vec<IdentityEntry> {
-    use crate::default_model::eval::procface_identity_seed;
+    use crate::default_model::eval::{procface_identity_seed, procface_reference};
     rows.into_iter()
         .enumerate()
         .map(|(i, row)| IdentityEntry {
@@ -66,18 +63,6 @@ pub fn procface_identities(first: usize, rows: Vec<Vec<f32>>) -> Vec<IdentityEnt
             reference: Some(Arc::new(procface_reference(first + i))),
         })
         .collect()
-}
-
-/// The frontal, neutral render of new ProcFace identity `index` (seed 2,000,000 + `index`):
-/// the face its context was taken from, without pose, light or accessories.
-pub fn procface_reference(index: usize) -> RgbImage {
-    use crate::procface::{render, FaceIdentity, Nuisance};
-    let seed = crate::default_model::eval::procface_identity_seed(index);
-    render(
-        &FaceIdentity::from_seed(seed),
-        &Nuisance::neutral(),
-        REFERENCE_SIZE,
-    )
 }
 
 /// Identities from the rows of a context file.
@@ -241,6 +226,7 @@ mod f32_base64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::default_model::eval::{procface_reference, REFERENCE_SIZE};
 
     #[test]
     fn random_identities_match_the_cli_and_serialise_exactly() {

@@ -43,11 +43,7 @@ pub fn merge(shards: &[PathBuf], out: &Path) -> Result<MergeSummary> {
             )?;
         }
     }
-    write_grid(
-        staged.path(),
-        &merged.completed,
-        merged.generation.per_identity,
-    )?;
+    write_grid(staged.path(), &merged)?;
     write_json_atomic(&staged.path().join("manifest.json"), &merged)?;
     staged.commit()?;
     Ok(MergeSummary {

@@ -125,6 +125,21 @@ pub fn procface_identity_seed(index: usize) -> u64 {
     EVAL_FIRST_IDENTITY + index as u64
 }
 
+/// Side of a ProcFace identity's reference render.
+pub const REFERENCE_SIZE: u32 = 112;
+
+/// The frontal, neutral render of new ProcFace identity `index` (seed
+/// [`procface_identity_seed`]): the face its context was taken from, without pose, light or
+/// accessories.
+pub fn procface_reference(index: usize) -> image::RgbImage {
+    use crate::procface::{render, FaceIdentity, Nuisance};
+    render(
+        &FaceIdentity::from_seed(procface_identity_seed(index)),
+        &Nuisance::neutral(),
+        REFERENCE_SIZE,
+    )
+}
+
 /// Contexts for the built-in model of new ProcFace identities `first..first + n` (seeds
 /// from [`EVAL_FIRST_IDENTITY`], never seen in training), by the built-in FR model: the
 /// studio's and `generate --procface-identities`' identities with a known face.
