@@ -948,73 +948,58 @@ fn thin(p: &[[f64; 2]], max: usize) -> Vec<[f64; 2]> {
     v
 }
 
+/// One titled plot panel of the train tab, `width` wide.
+fn plot_panel(
+    ui: &mut Ui,
+    width: f32,
+    title: &str,
+    plot: Plot<'_>,
+    add: impl FnOnce(&mut egui_plot::PlotUi<'_>),
+) {
+    ui.vertical(|ui| {
+        ui.set_width(width);
+        ui.label(RichText::new(title).strong());
+        plot.height(190.0)
+            .allow_scroll(false)
+            .include_y(0.0)
+            .show(ui, add);
+    });
+}
+
 fn plots(ui: &mut Ui, t: &TrainTabState) {
     let width = ((ui.available_width() - 24.0) / 3.0).max(160.0);
-    let height = 190.0;
+    let series = |p: &[[f64; 2]]| PlotPoints::from(thin(p, MAX_PLOT_POINTS));
     ui.horizontal_top(|ui| {
-        ui.vertical(|ui| {
-            ui.set_width(width);
-            ui.label(RichText::new("Loss").strong());
-            Plot::new("train_loss")
-                .height(height)
-                .allow_scroll(false)
-                .x_axis_label("step")
-                .include_y(0.0)
-                .show(ui, |p| {
-                    p.line(
-                        Line::new(
-                            "loss",
-                            PlotPoints::from(thin(&t.loss_points, MAX_PLOT_POINTS)),
-                        )
-                        .color(Color32::from_rgb(224, 120, 80)),
-                    );
-                });
+        let plot = Plot::new("train_loss").x_axis_label("step");
+        plot_panel(ui, width, "Loss", plot, |p| {
+            p.line(
+                Line::new("loss", series(&t.loss_points)).color(Color32::from_rgb(224, 120, 80)),
+            );
         });
-        ui.vertical(|ui| {
-            ui.set_width(width);
-            ui.label(RichText::new("Learning rate").strong());
-            Plot::new("train_lr")
-                .height(height)
-                .allow_scroll(false)
-                .x_axis_label("step")
-                .include_y(0.0)
-                .show(ui, |p| {
-                    p.line(
-                        Line::new("lr", PlotPoints::from(thin(&t.lr_points, MAX_PLOT_POINTS)))
-                            .color(style::ACCENT),
-                    );
-                });
+        let plot = Plot::new("train_lr").x_axis_label("step");
+        plot_panel(ui, width, "Learning rate", plot, |p| {
+            p.line(Line::new("lr", series(&t.lr_points)).color(style::ACCENT));
         });
-        ui.vertical(|ui| {
-            ui.set_width(width);
-            ui.label(RichText::new("Accuracy").strong());
-            Plot::new("train_acc")
-                .height(height)
-                .allow_scroll(false)
-                .legend(Legend::default())
-                .x_axis_label("epoch")
-                .include_y(0.0)
-                .include_y(1.0)
-                .show(ui, |p| {
-                    p.line(
-                        Line::new(
-                            "train (batch)",
-                            PlotPoints::from(thin(&t.train_acc_points, MAX_PLOT_POINTS)),
-                        )
-                        .color(Color32::from_rgb(150, 150, 200)),
-                    );
-                    if !t.val_points.is_empty() {
-                        p.line(
-                            Line::new("validation", PlotPoints::from(t.val_points.clone()))
-                                .color(style::OK),
-                        );
-                        p.points(
-                            Points::new("validation", PlotPoints::from(t.val_points.clone()))
-                                .radius(3.0)
-                                .color(style::OK),
-                        );
-                    }
-                });
+        let plot = Plot::new("train_acc")
+            .x_axis_label("epoch")
+            .legend(Legend::default())
+            .include_y(1.0);
+        plot_panel(ui, width, "Accuracy", plot, |p| {
+            p.line(
+                Line::new("train (batch)", series(&t.train_acc_points))
+                    .color(Color32::from_rgb(150, 150, 200)),
+            );
+            if !t.val_points.is_empty() {
+                p.line(
+                    Line::new("validation", PlotPoints::from(t.val_points.clone()))
+                        .color(style::OK),
+                );
+                p.points(
+                    Points::new("validation", PlotPoints::from(t.val_points.clone()))
+                        .radius(3.0)
+                        .color(style::OK),
+                );
+            }
         });
     });
     if let Some(r) = t.epochs_done.last() {
