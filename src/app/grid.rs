@@ -182,22 +182,33 @@ impl Grid {
         self.cells.iter().flatten().filter(|c| !c.preview).count()
     }
 
-    /// Rows of final images for PNG export (rejected images skipped when `skip_rejected`).
-    pub fn export_rows(&self, skip_rejected: bool) -> Vec<Vec<Arc<RgbImage>>> {
+    /// Rows of final images for PNG export (rejected images skipped when `skip_rejected`),
+    /// each with its identity's reference picture; rows without an image are left out.
+    pub fn export_rows(&self, skip_rejected: bool) -> Vec<ExportRow> {
         (0..self.rows())
-            .map(|r| {
-                (0..self.cols())
+            .map(|r| ExportRow {
+                reference: self.spec.rows[r].reference.clone(),
+                images: (0..self.cols())
                     .filter(|c| !(skip_rejected && self.rejects.is_rejected(r, *c)))
                     .filter_map(|c| {
                         self.cell(r, c)
                             .filter(|x| !x.preview)
                             .map(|x| x.image.clone())
                     })
-                    .collect::<Vec<_>>()
+                    .collect(),
             })
-            .filter(|r| !r.is_empty())
+            .filter(|r| !r.images.is_empty())
             .collect()
     }
+}
+
+/// One row of an exported grid picture.
+#[derive(Debug, Clone)]
+pub struct ExportRow {
+    /// The identity's reference picture, drawn first (scaled to the images' size).
+    pub reference: Option<Arc<RgbImage>>,
+    /// The row's images.
+    pub images: Vec<Arc<RgbImage>>,
 }
 
 #[cfg(test)]
@@ -231,6 +242,28 @@ mod tests {
         assert!(!g.cell(1, 1).unwrap().preview);
         assert_eq!(g.final_images(), 1);
         g.put(5, 0, Arc::new(RgbImage::new(2, 2)), false);
+    }
+
+    #[test]
+    fn export_rows_keep_references_and_skip_rejects_and_empty_rows() {
+        let mut sp = spec(3, 2);
+        let reference = Arc::new(RgbImage::from_pixel(4, 4, image::Rgb([9, 9, 9])));
+        sp.rows[0].reference = Some(reference.clone());
+        let mut g = Grid::new(1, sp);
+        let im = |v| Arc::new(RgbImage::from_pixel(2, 2, image::Rgb([v, v, v])));
+        g.put(0, 0, im(1), false);
+        g.put(0, 1, im(2), false);
+        g.put(1, 0, im(3), true);
+        g.put(2, 1, im(4), false);
+        g.rejects.toggle_image(0, 0);
+        let all = g.export_rows(false);
+        assert_eq!(all.len(), 2, "the preview-only row is left out");
+        assert!(Arc::ptr_eq(all[0].reference.as_ref().unwrap(), &reference));
+        assert_eq!(all[0].images.len(), 2);
+        assert!(all[1].reference.is_none());
+        let kept = g.export_rows(true);
+        assert_eq!(kept[0].images.len(), 1);
+        assert_eq!(kept[0].images[0].get_pixel(0, 0)[0], 2);
     }
 
     #[test]

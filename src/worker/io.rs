@@ -4,16 +4,17 @@
 
 use super::protocol::{DetectedPhoto, Event, LoadedContexts, PhotoFaceInfo};
 use super::EventSender;
-use crate::generate::compose_grid;
+use crate::app::grid::ExportRow;
+use crate::generate::{compose_grid, write_bytes_atomic};
 use crate::identity::Contexts;
 use anyhow::Context;
 use image::RgbImage;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Composes `rows` into one grid (2-pixel white gaps) and writes it as PNG to `path`,
-/// reporting [`Event::Exported`].
-pub fn spawn_export_png(rows: Vec<Vec<Arc<RgbImage>>>, path: PathBuf, events: EventSender) {
+/// Composes `rows` into one grid (2-pixel white gaps, each row's reference first) and writes
+/// it as PNG to `path`, reporting [`Event::Exported`].
+pub fn spawn_export_png(rows: Vec<ExportRow>, path: PathBuf, events: EventSender) {
     std::thread::spawn(move || {
         let result = export_png(&rows, &path)
             .map(|()| path.clone())
@@ -22,18 +23,34 @@ pub fn spawn_export_png(rows: Vec<Vec<Arc<RgbImage>>>, path: PathBuf, events: Ev
     });
 }
 
-/// Writes the grid synchronously (used by [`spawn_export_png`]).
-pub fn export_png(rows: &[Vec<Arc<RgbImage>>], path: &Path) -> anyhow::Result<()> {
+/// Writes the grid synchronously and atomically (used by [`spawn_export_png`]); references
+/// are scaled to the size of their row's images.
+pub fn export_png(rows: &[ExportRow], path: &Path) -> anyhow::Result<()> {
     let owned: Vec<Vec<RgbImage>> = rows
         .iter()
-        .map(|r| r.iter().map(|im| (**im).clone()).collect())
+        .map(|r| {
+            let scaled = match (&r.reference, r.images.first()) {
+                (Some(reference), Some(first)) => Some(image::imageops::resize(
+                    &**reference,
+                    first.width(),
+                    first.height(),
+                    image::imageops::FilterType::Triangle,
+                )),
+                _ => None,
+            };
+            scaled
+                .into_iter()
+                .chain(r.images.iter().map(|im| (**im).clone()))
+                .collect()
+        })
         .collect();
     let grid = compose_grid(&owned, 2).context("nothing to export: the grid has no images")?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    grid.save_with_format(path, image::ImageFormat::Png)
-        .with_context(|| format!("cannot write {}", path.display()))
+    let mut png = Vec::new();
+    grid.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+    write_bytes_atomic(path, &png)
 }
 
 /// Reads an identity context file of width `dim`, reporting [`Event::ContextsLoaded`].
@@ -108,4 +125,40 @@ pub fn detect_faces(photo: &Path, models_dir: &Path) -> anyhow::Result<DetectedP
 
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exported_grid_starts_rows_with_their_scaled_reference() {
+        let px = |v: u8, side| Arc::new(RgbImage::from_pixel(side, side, image::Rgb([v, v, v])));
+        let rows = vec![
+            ExportRow {
+                reference: Some(px(9, 8)),
+                images: vec![px(1, 2), px(2, 2)],
+            },
+            ExportRow {
+                reference: None,
+                images: vec![px(3, 2)],
+            },
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/grid.png");
+        export_png(&rows, &path).unwrap();
+        let grid = image::open(&path).unwrap().to_rgb8();
+        assert_eq!(grid.dimensions(), (3 * 4 + 2, 2 * 4 + 2));
+        let at = |col: u32, row: u32| grid.get_pixel(2 + col * 4, 2 + row * 4)[0];
+        assert_eq!((at(0, 0), at(1, 0), at(2, 0)), (9, 1, 2));
+        assert_eq!(
+            at(0, 1),
+            3,
+            "a row without reference starts with its images"
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("sub")).unwrap().count(),
+            1
+        );
+    }
 }
