@@ -29,6 +29,9 @@ pub enum ContextKind {
     Procface,
     /// Uniform random unit vectors (the studio's "random identities").
     Uniform,
+    /// ProcFace training identities (seeds `0..n`, with their training contexts): measures
+    /// what the U-Net learnt of seen faces, against new ones (the generalisation gap).
+    ProcfaceSeen,
 }
 
 /// Arguments of `eval-default`.
@@ -98,6 +101,7 @@ pub fn eval_contexts(
     match kind {
         ContextKind::Uniform => Ok(uniform_contexts(0, 0, n, dim)),
         ContextKind::Procface => procface_contexts(fr, EVAL_FIRST_IDENTITY, n, device),
+        ContextKind::ProcfaceSeen => procface_contexts(fr, 0, n, device),
     }
 }
 

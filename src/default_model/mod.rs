@@ -288,6 +288,36 @@ mod tests {
         assert!(m.context_cosine >= SHIPPED_MIN_CONTEXT_COSINE, "{m:?}");
     }
 
+    /// `eval-default --contexts procface-seen` scores the U-Net's training identities with
+    /// the contexts it was trained on (seeds 0.., centroid of samples 0 and 1 at 64 px).
+    #[test]
+    fn seen_contexts_are_the_training_contexts() {
+        require_embedded();
+        use super::diffusion_train::{centroid, fr_embeddings};
+        let dev = candle_core::Device::Cpu;
+        let model = DefaultModel::embedded().unwrap();
+        let fr = model.fr_model(&dev).unwrap();
+        let dim = model.unet_config.context_input_channels;
+        let seen = eval::eval_contexts(eval::ContextKind::ProcfaceSeen, 3, &fr, dim, &dev).unwrap();
+        // As `train-diffusion` builds its cache: 4 samples per identity, embed the first 2.
+        let data = super::data::FaceSet::render(0..3, 4, 64).unwrap();
+        let images: Vec<_> = (0..3)
+            .flat_map(|i| (0..2).map(move |s| i * 4 + s))
+            .map(|j| data.image(j))
+            .collect();
+        let emb = fr_embeddings(&fr, &images, &dev, 64).unwrap();
+        for (got, want) in seen.iter().zip(emb.chunks(2).map(centroid)) {
+            let d = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(d < 1e-4, "{d}");
+        }
+        let new = eval::eval_contexts(eval::ContextKind::Procface, 1, &fr, dim, &dev).unwrap();
+        assert_ne!(new[0], seen[0]);
+    }
+
     #[test]
     fn pairs_are_half_genuine_and_held_out() {
         let n = 10;
