@@ -883,8 +883,8 @@ fn built_in_model_generates_procface_identities() {
     assert_eq!((grid.rows(), grid.cols()), (3, 2));
     // Each row starts with its identity's reference render (the face its context came from).
     assert_eq!(
-        grid.spec.rows[1].reference.as_deref(),
-        Some(&idiff_studio::default_model::eval::procface_reference(3))
+        grid.spec.rows[1].reference,
+        Some(idiff_studio::app::identities::Reference::Procface(3))
     );
     h.run();
     for r in 0..3 {

@@ -1,6 +1,7 @@
 //! The result grid of the last run: rows = identities, columns = samples (or sweep values),
 //! plus the per-image and per-identity rejects that feed export.
 
+use super::identities::Reference;
 use crate::diffusion::sampler::SamplingSettings;
 use crate::worker::JobKind;
 use image::RgbImage;
@@ -18,12 +19,8 @@ pub struct RowLabel {
     /// Seed-contract identity index.
     pub key: u64,
     /// The identity's reference picture, drawn before the row's images.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        with = "crate::app::identities::png_base64"
-    )]
-    pub reference: Option<Arc<RgbImage>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<Reference>,
 }
 
 /// What produced a grid: enough to label it, to show its settings and to re-run it.
@@ -206,7 +203,7 @@ impl Grid {
 #[derive(Debug, Clone)]
 pub struct ExportRow {
     /// The identity's reference picture, drawn first (scaled to the images' size).
-    pub reference: Option<Arc<RgbImage>>,
+    pub reference: Option<Reference>,
     /// The row's images.
     pub images: Vec<Arc<RgbImage>>,
 }
@@ -247,7 +244,7 @@ mod tests {
     #[test]
     fn export_rows_keep_references_and_skip_rejects_and_empty_rows() {
         let mut sp = spec(3, 2);
-        let reference = Arc::new(RgbImage::from_pixel(4, 4, image::Rgb([9, 9, 9])));
+        let reference = Reference::Procface(3);
         sp.rows[0].reference = Some(reference.clone());
         let mut g = Grid::new(1, sp);
         let im = |v| Arc::new(RgbImage::from_pixel(2, 2, image::Rgb([v, v, v])));
@@ -258,7 +255,7 @@ mod tests {
         g.rejects.toggle_image(0, 0);
         let all = g.export_rows(false);
         assert_eq!(all.len(), 2, "the preview-only row is left out");
-        assert!(Arc::ptr_eq(all[0].reference.as_ref().unwrap(), &reference));
+        assert_eq!(all[0].reference, Some(reference));
         assert_eq!(all[0].images.len(), 2);
         assert!(all[1].reference.is_none());
         let kept = g.export_rows(true);

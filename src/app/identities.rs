@@ -19,10 +19,33 @@ pub struct IdentityEntry {
     /// The context vector.
     #[serde(with = "f32_base64")]
     pub context: Arc<Vec<f32>>,
-    /// A picture of who the identity is (ProcFace frontal render, photo face crop), shown
-    /// beside its grid row; `None` for identities without one.
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "png_base64")]
-    pub reference: Option<Arc<RgbImage>>,
+    /// A picture of who the identity is, shown before its grid row; `None` for identities
+    /// without one (random, file, interpolated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<Reference>,
+}
+
+/// A picture of who an identity is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reference {
+    /// The frontal render of new ProcFace identity `index` (rendered when needed, a few
+    /// milliseconds; sessions keep only the index).
+    Procface(usize),
+    /// A picture kept with the session as PNG: the face crop a photo identity came from.
+    Picture(#[serde(with = "png_base64")] Arc<RgbImage>),
+}
+
+impl Reference {
+    /// The picture (renders a ProcFace face: call off the UI thread or a few per frame).
+    pub fn image(&self) -> Arc<RgbImage> {
+        match self {
+            Self::Procface(index) => {
+                Arc::new(crate::default_model::eval::procface_reference(*index))
+            }
+            Self::Picture(image) => image.clone(),
+        }
+    }
 }
 
 /// `n` uniform random identities `first..first+n` from `seed`.
@@ -50,9 +73,9 @@ pub fn random_identities(
 
 /// ProcFace identities `first..first + rows.len()` (seeds from 2,000,000 + `first`), keyed by
 /// their index as `generate --procface-identities` does, each with its frontal render as
-/// reference (a few milliseconds each: call off the GUI thread).
+/// reference.
 pub fn procface_identities(first: usize, rows: Vec<Vec<f32>>) -> Vec<IdentityEntry> {
-    use crate::default_model::eval::{procface_identity_seed, procface_reference};
+    use crate::default_model::eval::procface_identity_seed;
     rows.into_iter()
         .enumerate()
         .map(|(i, row)| IdentityEntry {
@@ -60,7 +83,7 @@ pub fn procface_identities(first: usize, rows: Vec<Vec<f32>>) -> Vec<IdentityEnt
             origin: format!("ProcFace · #{}", first + i),
             key: (first + i) as u64,
             context: Arc::new(row),
-            reference: Some(Arc::new(procface_reference(first + i))),
+            reference: Some(Reference::Procface(first + i)),
         })
         .collect()
 }
@@ -110,33 +133,25 @@ pub fn interpolate(
         .collect()
 }
 
-/// Serialises an optional reference image as base64 of its PNG (sessions keep it).
-pub(crate) mod png_base64 {
+/// Serialises a reference picture as base64 of its PNG.
+mod png_base64 {
     use super::f32_base64::{decode, encode};
     use image::RgbImage;
     use serde::{Deserialize, Deserializer, Serializer};
     use std::sync::Arc;
 
-    pub fn serialize<S: Serializer>(v: &Option<Arc<RgbImage>>, s: S) -> Result<S::Ok, S::Error> {
-        match v {
-            None => s.serialize_none(),
-            Some(img) => {
-                let mut png = Vec::new();
-                img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-                    .map_err(serde::ser::Error::custom)?;
-                s.serialize_some(&encode(&png))
-            }
-        }
+    pub fn serialize<S: Serializer>(img: &Arc<RgbImage>, s: S) -> Result<S::Ok, S::Error> {
+        let mut png = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .map_err(serde::ser::Error::custom)?;
+        s.serialize_str(&encode(&png))
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Arc<RgbImage>>, D::Error> {
-        let Some(text) = Option::<String>::deserialize(d)? else {
-            return Ok(None);
-        };
-        let png = decode(&text).map_err(serde::de::Error::custom)?;
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<RgbImage>, D::Error> {
+        let png = decode(&String::deserialize(d)?).map_err(serde::de::Error::custom)?;
         let img = image::load_from_memory_with_format(&png, image::ImageFormat::Png)
             .map_err(|e| serde::de::Error::custom(format!("reference image: {e}")))?;
-        Ok(Some(Arc::new(img.to_rgb8())))
+        Ok(Arc::new(img.to_rgb8()))
     }
 }
 
@@ -255,17 +270,16 @@ mod tests {
             assert_eq!(*gui.context, cli.context);
         }
         assert_eq!(ids[0].name, "ProcFace 2000004");
-        // Each carries its frontal render; sessions keep it exactly (PNG is lossless).
-        let reference = ids[1].reference.as_deref().unwrap();
-        assert_eq!(reference.dimensions(), (REFERENCE_SIZE, REFERENCE_SIZE));
-        assert_eq!(*reference, procface_reference(5));
-        assert_ne!(ids[0].reference, ids[1].reference);
+        // Each has its frontal render as reference; sessions keep only the index.
+        assert_eq!(ids[1].reference, Some(Reference::Procface(5)));
+        let picture = ids[1].reference.as_ref().unwrap().image();
+        assert_eq!(picture.dimensions(), (REFERENCE_SIZE, REFERENCE_SIZE));
+        assert_eq!(*picture, procface_reference(5));
+        assert_ne!(*ids[0].reference.as_ref().unwrap().image(), *picture);
         let json = serde_json::to_string(&ids).unwrap();
+        assert!(json.contains(r#""reference":{"procface":5}"#), "{json}");
         let back: Vec<IdentityEntry> = serde_json::from_str(&json).unwrap();
         assert_eq!(back, ids);
-        let broken = json.replacen("\"reference\":\"", "\"reference\":\"AAAA", 1);
-        let err = serde_json::from_str::<Vec<IdentityEntry>>(&broken).unwrap_err();
-        assert!(err.to_string().contains("reference image"), "{err}");
         assert_eq!(cli[2].name, "procface 2000006");
         // The same identity seed always gives the same context; different seeds differ.
         let again = crate::default_model::eval::builtin_procface_contexts(5, 1).unwrap();
@@ -276,6 +290,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("64-d") && err.contains("512-d"), "{err}");
+    }
+
+    /// A photo identity's face crop is kept with the session, exactly (PNG is lossless).
+    #[test]
+    fn picture_references_round_trip_and_a_corrupt_one_is_an_error() {
+        let mut ids = random_identities(1, 0, 1, 8).unwrap();
+        let crop = RgbImage::from_fn(112, 112, |x, y| image::Rgb([x as u8, y as u8, 7]));
+        ids[0].reference = Some(Reference::Picture(Arc::new(crop.clone())));
+        let json = serde_json::to_string(&ids).unwrap();
+        let back: Vec<IdentityEntry> = serde_json::from_str(&json).unwrap();
+        assert_eq!(*back[0].reference.as_ref().unwrap().image(), crop);
+        let broken = json.replacen(r#""picture":""#, r#""picture":"AAAA"#, 1);
+        let err = serde_json::from_str::<Vec<IdentityEntry>>(&broken).unwrap_err();
+        assert!(err.to_string().contains("reference image"), "{err}");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! [`Event::FacesDetected`] and one of them becomes an identity whose context is its
 //! face-recognition embedding.
 
-use super::identities::IdentityEntry;
+use super::identities::{IdentityEntry, Reference};
 use super::state::AppState;
 use crate::worker::protocol::DetectedPhoto;
 use crate::worker::{io, Event, Worker};
@@ -108,7 +108,7 @@ impl AppState {
             origin: format!("photo · score {:.2}", face.score),
             key,
             context: face.embedding.clone(),
-            reference: Some(face.crop.clone()),
+            reference: Some(Reference::Picture(face.crop.clone())),
         };
         p.error = None;
         if replace {
@@ -164,7 +164,7 @@ mod tests {
         assert_eq!(last.key, n as u64);
         let crop = &s.photo_faces.result.as_ref().unwrap().1.faces[0].crop;
         assert!(
-            Arc::ptr_eq(last.reference.as_ref().unwrap(), crop),
+            matches!(&last.reference, Some(Reference::Picture(p)) if Arc::ptr_eq(p, crop)),
             "the face crop is the reference"
         );
         assert!(s.photo_faces.error.is_none());

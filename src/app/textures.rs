@@ -6,6 +6,7 @@
 //! fills in over a few frames instead of stalling one.
 
 use super::grid::CellImage;
+use super::identities::Reference;
 use egui::{ColorImage, TextureHandle, TextureId, TextureOptions};
 use image::RgbImage;
 use std::collections::HashMap;
@@ -15,6 +16,9 @@ pub type CellKey = (u64, usize, usize);
 
 /// The column slot of a row's reference picture in [`CellKey`].
 const REFERENCE_COLUMN: usize = usize::MAX;
+
+/// Most ProcFace reference pictures rendered per frame (about 3 ms each in a release build).
+pub const RENDERS_PER_FRAME: usize = 4;
 
 struct Entry {
     texture: TextureHandle,
@@ -30,6 +34,7 @@ pub struct Thumbnails {
     uploads: u64,
     budget: usize,
     left_this_frame: usize,
+    renders_left_this_frame: usize,
     deferred: bool,
 }
 
@@ -50,6 +55,7 @@ impl Thumbnails {
             uploads: 0,
             budget: uploads_per_frame.max(1),
             left_this_frame: uploads_per_frame.max(1),
+            renders_left_this_frame: RENDERS_PER_FRAME,
             deferred: false,
         }
     }
@@ -58,6 +64,7 @@ impl Thumbnails {
     pub fn begin_frame(&mut self) {
         self.frame += 1;
         self.left_this_frame = self.budget;
+        self.renders_left_this_frame = RENDERS_PER_FRAME;
         self.deferred = false;
         if self.map.len() > self.cap {
             let keep_after = self.frame.saturating_sub(2);
@@ -76,15 +83,29 @@ impl Thumbnails {
         self.image_texture(ctx, key, &cell.image, cell.version)
     }
 
-    /// The texture of row `row`'s reference picture in grid `job` (it never changes).
+    /// The texture of row `row`'s reference picture in grid `job` (it never changes). At most
+    /// [`RENDERS_PER_FRAME`] ProcFace references are rendered per frame; `None` puts the rest
+    /// off (see [`Self::deferred`]).
     pub fn reference(
         &mut self,
         ctx: &egui::Context,
         job: u64,
         row: usize,
-        image: &RgbImage,
+        reference: &Reference,
     ) -> Option<TextureId> {
-        self.image_texture(ctx, (job, row, REFERENCE_COLUMN), image, 0)
+        let key = (job, row, REFERENCE_COLUMN);
+        if let Some(e) = self.map.get_mut(&key) {
+            e.last_used = self.frame;
+            return Some(e.texture.id());
+        }
+        if matches!(reference, Reference::Procface(_)) {
+            if self.renders_left_this_frame == 0 || self.left_this_frame == 0 {
+                self.deferred = true;
+                return None;
+            }
+            self.renders_left_this_frame -= 1;
+        }
+        self.image_texture(ctx, key, &reference.image(), 0)
     }
 
     fn image_texture(
@@ -159,4 +180,34 @@ impl Thumbnails {
 fn color_image(image: &RgbImage) -> ColorImage {
     let (w, h) = image.dimensions();
     ColorImage::from_rgb([w as usize, h as usize], image.as_raw())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// ProcFace references are rendered a few per frame, once; pictures are only uploaded.
+    #[test]
+    fn references_render_a_few_per_frame_and_once() {
+        let ctx = egui::Context::default();
+        let mut t = Thumbnails::default();
+        t.begin_frame();
+        let got: Vec<bool> = (0..RENDERS_PER_FRAME + 2)
+            .map(|r| t.reference(&ctx, 1, r, &Reference::Procface(r)).is_some())
+            .collect();
+        assert_eq!(got.iter().filter(|g| **g).count(), RENDERS_PER_FRAME);
+        assert!(t.deferred());
+        let picture = Reference::Picture(Arc::new(RgbImage::new(4, 4)));
+        assert!(
+            t.reference(&ctx, 1, 99, &picture).is_some(),
+            "no render needed"
+        );
+        t.begin_frame();
+        for r in 0..RENDERS_PER_FRAME + 2 {
+            assert!(t.reference(&ctx, 1, r, &Reference::Procface(r)).is_some());
+        }
+        assert!(!t.deferred());
+        assert_eq!(t.uploads(), RENDERS_PER_FRAME as u64 + 3);
+    }
 }

@@ -31,7 +31,7 @@ pub fn export_png(rows: &[ExportRow], path: &Path) -> anyhow::Result<()> {
         .map(|r| {
             let scaled = match (&r.reference, r.images.first()) {
                 (Some(reference), Some(first)) => Some(image::imageops::resize(
-                    &**reference,
+                    &*reference.image(),
                     first.width(),
                     first.height(),
                     image::imageops::FilterType::Triangle,
@@ -67,8 +67,8 @@ pub fn spawn_load_contexts(path: PathBuf, dim: usize, events: EventSender) {
     });
 }
 
-/// Embeds new ProcFace identities `first..first + count` with the built-in FR model and
-/// renders their references, reporting [`Event::ProcfaceIdentities`].
+/// Embeds new ProcFace identities `first..first + count` with the built-in FR model,
+/// reporting [`Event::ProcfaceIdentities`].
 pub fn spawn_procface_identities(first: usize, count: usize, events: EventSender) {
     std::thread::spawn(move || {
         let result = crate::default_model::eval::builtin_procface_contexts(first, count)
@@ -130,13 +130,14 @@ fn one_line(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::app::identities::Reference;
 
     #[test]
     fn exported_grid_starts_rows_with_their_scaled_reference() {
         let px = |v: u8, side| Arc::new(RgbImage::from_pixel(side, side, image::Rgb([v, v, v])));
         let rows = vec![
             ExportRow {
-                reference: Some(px(9, 8)),
+                reference: Some(Reference::Picture(px(9, 8))),
                 images: vec![px(1, 2), px(2, 2)],
             },
             ExportRow {

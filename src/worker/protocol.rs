@@ -232,8 +232,7 @@ pub enum Event {
     Exported(Result<PathBuf, String>),
     /// A background context-file load finished.
     ContextsLoaded(Result<LoadedContexts, String>),
-    /// Background ProcFace identities (Identities panel) are ready, with their reference
-    /// renders, or a one-line error.
+    /// Background ProcFace identities (Identities panel) are ready, or a one-line error.
     ProcfaceIdentities(Result<Vec<crate::app::identities::IdentityEntry>, String>),
     /// A background session save finished: the file written or a one-line error.
     SessionSaved(Result<PathBuf, String>),

@@ -39,7 +39,7 @@ pub fn tile(
 /// framed so it is not mistaken for a generated image.
 pub fn reference_tile(ui: &mut Ui, grid: &Grid, thumbs: &mut Thumbnails, row: usize, size: f32) {
     let (rect, resp) = ui.allocate_exact_size(Vec2::splat(size), Sense::hover());
-    let Some(image) = grid.spec.rows[row].reference.as_ref() else {
+    let Some(reference) = grid.spec.rows[row].reference.as_ref() else {
         return;
     };
     let label = format!("reference {row}");
@@ -49,7 +49,7 @@ pub fn reference_tile(ui: &mut Ui, grid: &Grid, thumbs: &mut Thumbnails, row: us
         return;
     }
     let painter = ui.painter();
-    match thumbs.reference(ui.ctx(), grid.job, row, image) {
+    match thumbs.reference(ui.ctx(), grid.job, row, reference) {
         Some(tex) => egui::Image::new(egui::load::SizedTexture::new(tex, rect.size()))
             .corner_radius(3)
             .paint_at(ui, rect),
