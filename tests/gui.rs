@@ -619,14 +619,14 @@ fn train_tab_trains_plots_the_loss_stops_and_resumes() {
         let st = &mut h.state_mut().state;
         st.tab = Tab::Train;
         let t = &mut st.train_tab;
-        t.dataset = data.display().to_string();
-        t.backbone = "1,1,1,1".into();
-        t.width = 8;
-        t.input_size = 32;
-        t.num_features = 16;
-        t.batch_size = 8;
-        t.epochs = 200;
-        t.out = out.display().to_string();
+        t.form.dataset = data.display().to_string();
+        t.form.backbone = "1,1,1,1".into();
+        t.form.width = 8;
+        t.form.input_size = 32;
+        t.form.num_features = 16;
+        t.form.batch_size = 8;
+        t.form.epochs = 200;
+        t.form.out = out.display().to_string();
     }
     h.run();
     h.get_by_label("Start training").click();
@@ -679,7 +679,7 @@ fn train_tab_trains_plots_the_loss_stops_and_resumes() {
         t.loss_points.len(),
         t.last_step.as_ref().map(|s| (s.loss, s.images_per_sec))
     );
-    assert!(t.resume, "Start should now resume");
+    assert!(t.form.resume, "Start should now resume");
     assert!(out.join("latest.json").is_file(), "no checkpoint on stop");
     h.get_by_label_contains("Stopped at step");
 
@@ -714,9 +714,9 @@ fn train_tab_trains_plots_the_loss_stops_and_resumes() {
         let ext_out = dir.path().join("external");
         {
             let t = &mut h.state_mut().state.train_tab;
-            t.trainer = TrainerKind::External;
-            t.command = "echo start {output}; sleep 30".into();
-            t.out = ext_out.display().to_string();
+            t.form.trainer = TrainerKind::External;
+            t.form.command = "echo start {output}; sleep 30".into();
+            t.form.out = ext_out.display().to_string();
         }
         h.run();
         h.get_by_label("Start training").click();

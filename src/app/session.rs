@@ -40,7 +40,7 @@ pub struct Session {
     pub export_path: String,
     /// The Train tab's fields (absent in sessions saved before they were kept: defaults).
     #[serde(default)]
-    pub train: super::views::train_tab::TrainTabState,
+    pub train: super::views::train_tab::TrainForm,
 }
 
 impl Session {
@@ -60,7 +60,7 @@ impl Session {
                 .unwrap_or_default(),
             tab: state.tab,
             export_path: state.export_path.clone(),
-            train: state.train_tab.clone(),
+            train: state.train_tab.form.clone(),
         }
     }
 
@@ -72,7 +72,7 @@ impl Session {
         state.identities = self.identities;
         state.tab = self.tab;
         state.export_path = self.export_path;
-        state.train_tab.restore_settings(self.train);
+        state.train_tab.form = self.train;
         state.selection = None;
         state.zoom = None;
         state.grid = self.grid.map(|spec| {
@@ -198,16 +198,16 @@ fn read_session(path: PathBuf) -> Result<(PathBuf, Box<Session>), String> {
 mod tests {
     use super::*;
     use crate::app::grid::Grid;
-    use crate::app::views::train_tab::TrainTabState;
+    use crate::app::views::train_tab::TrainForm;
 
     #[test]
     fn round_trip_restores_settings_identities_and_rejects() {
         let mut a = AppState::default();
         a.sampling.guidance = 2.5;
         a.model.unet = "/w/unet.ckpt".into();
-        a.train_tab.backbone = "1,1,1,1".into();
-        a.train_tab.epochs = 7;
-        a.train_tab.command = "python train.py {dataset}".into();
+        a.train_tab.form.backbone = "1,1,1,1".into();
+        a.train_tab.form.epochs = 7;
+        a.train_tab.form.command = "python train.py {dataset}".into();
         a.train_tab.loss_points.push([1.0, 2.0]);
         let spec = GridSpec {
             sweep: false,
@@ -230,10 +230,7 @@ mod tests {
         assert_eq!(b.identities, a.identities);
         assert_eq!(b.grid.unwrap().rejects, a.grid.as_ref().unwrap().rejects);
         let (ta, tb) = (&a.train_tab, &b.train_tab);
-        assert_eq!(
-            (&tb.backbone, tb.epochs, &tb.command),
-            (&ta.backbone, ta.epochs, &ta.command)
-        );
+        assert_eq!(tb.form, ta.form);
         assert!(
             tb.loss_points.is_empty(),
             "curves are not part of a session"
@@ -243,7 +240,7 @@ mod tests {
             serde_json::from_str(&Session::capture(&a).to_json().unwrap()).unwrap();
         old.as_object_mut().unwrap().remove("train");
         let s = Session::from_json(&old.to_string()).unwrap();
-        assert_eq!(s.train.epochs, TrainTabState::default().epochs);
+        assert_eq!(s.train, TrainForm::default());
         assert!(Session::from_json("{\"version\": 9}").is_err());
     }
 

@@ -64,11 +64,10 @@ pub struct RunningTrain {
     pub started: Instant,
 }
 
-/// The Train tab's fields, live curves and run state. Serialised (in sessions) are the
-/// fields only; the run, curves and log are skipped.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+/// The Train tab's fields: what sessions keep.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
-pub struct TrainTabState {
+pub struct TrainForm {
     /// Built-in or external trainer.
     pub trainer: TrainerKind,
     /// Dataset on disk or ProcFace.
@@ -119,51 +118,9 @@ pub struct TrainTabState {
     pub resume: bool,
     /// External trainer command template.
     pub command: String,
-    /// The run in progress.
-    #[serde(skip)]
-    pub running: Option<RunningTrain>,
-    /// Facts about the current (or last) built-in run.
-    #[serde(skip)]
-    pub info: Option<RunInfo>,
-    /// The latest step.
-    #[serde(skip)]
-    pub last_step: Option<StepEvent>,
-    /// What the run is doing besides steps (e.g. evaluating).
-    #[serde(skip)]
-    pub phase: Option<String>,
-    /// Loss per step.
-    #[serde(skip)]
-    pub loss_points: Vec<[f64; 2]>,
-    /// Learning rate per step.
-    #[serde(skip)]
-    pub lr_points: Vec<[f64; 2]>,
-    /// Training accuracy per step, at fractional epochs.
-    #[serde(skip)]
-    pub train_acc_points: Vec<[f64; 2]>,
-    /// Validation accuracy per epoch.
-    #[serde(skip)]
-    pub val_points: Vec<[f64; 2]>,
-    /// Finished epochs of the current run.
-    #[serde(skip)]
-    pub epochs_done: Vec<EpochRecord>,
-    /// The run's log (events of the built-in trainer, output of an external one).
-    #[serde(skip)]
-    pub log: VecDeque<(LogStream, String)>,
-    /// How the last run ended, or why it did not start.
-    #[serde(skip)]
-    pub last: Option<Result<TrainOutcome, String>>,
-    /// Trainer of the last run.
-    #[serde(skip)]
-    pub last_kind: TrainerKind,
-    #[serde(skip)]
-    run_started: Option<(Instant, usize)>,
-    #[serde(skip)]
-    export_seen: Option<String>,
-    #[serde(skip)]
-    next_id: u64,
 }
 
-impl Default for TrainTabState {
+impl Default for TrainForm {
     fn default() -> Self {
         let cfg = TrainConfig::new("", "");
         Self {
@@ -192,6 +149,48 @@ impl Default for TrainTabState {
             out: "fr_runs/run1".into(),
             resume: false,
             command: DEFAULT_COMMAND.into(),
+        }
+    }
+}
+
+/// The Train tab: its fields, and the live run, curves and log.
+#[derive(Debug, Clone)]
+pub struct TrainTabState {
+    /// The fields (kept in sessions).
+    pub form: TrainForm,
+    /// The run in progress.
+    pub running: Option<RunningTrain>,
+    /// Facts about the current (or last) built-in run.
+    pub info: Option<RunInfo>,
+    /// The latest step.
+    pub last_step: Option<StepEvent>,
+    /// What the run is doing besides steps (e.g. evaluating).
+    pub phase: Option<String>,
+    /// Loss per step.
+    pub loss_points: Vec<[f64; 2]>,
+    /// Learning rate per step.
+    pub lr_points: Vec<[f64; 2]>,
+    /// Training accuracy per step, at fractional epochs.
+    pub train_acc_points: Vec<[f64; 2]>,
+    /// Validation accuracy per epoch.
+    pub val_points: Vec<[f64; 2]>,
+    /// Finished epochs of the current run.
+    pub epochs_done: Vec<EpochRecord>,
+    /// The run's log (events of the built-in trainer, output of an external one).
+    pub log: VecDeque<(LogStream, String)>,
+    /// How the last run ended, or why it did not start.
+    pub last: Option<Result<TrainOutcome, String>>,
+    /// Trainer of the last run.
+    pub last_kind: TrainerKind,
+    run_started: Option<(Instant, usize)>,
+    export_seen: Option<String>,
+    next_id: u64,
+}
+
+impl Default for TrainTabState {
+    fn default() -> Self {
+        Self {
+            form: TrainForm::default(),
             running: None,
             info: None,
             last_step: None,
@@ -217,29 +216,6 @@ fn path(s: &str) -> Option<PathBuf> {
 }
 
 impl TrainTabState {
-    /// Takes the fields of `saved` (a session's), keeping this tab's run, curves and log.
-    pub fn restore_settings(&mut self, saved: TrainTabState) {
-        let runtime = std::mem::take(self);
-        *self = TrainTabState {
-            running: runtime.running,
-            info: runtime.info,
-            last_step: runtime.last_step,
-            phase: runtime.phase,
-            loss_points: runtime.loss_points,
-            lr_points: runtime.lr_points,
-            train_acc_points: runtime.train_acc_points,
-            val_points: runtime.val_points,
-            epochs_done: runtime.epochs_done,
-            log: runtime.log,
-            last: runtime.last,
-            last_kind: runtime.last_kind,
-            run_started: runtime.run_started,
-            export_seen: runtime.export_seen,
-            next_id: runtime.next_id,
-            ..saved
-        };
-    }
-
     /// True while a run is in progress.
     pub fn is_running(&self) -> bool {
         self.running.is_some()
@@ -261,9 +237,9 @@ impl TrainTabState {
     pub fn fill_path(&mut self, target: PickTarget, path: PathBuf) {
         let text = path.display().to_string();
         match target {
-            PickTarget::TrainData => self.dataset = text,
-            PickTarget::TrainVal => self.val = text,
-            PickTarget::TrainOut => self.out = text,
+            PickTarget::TrainData => self.form.dataset = text,
+            PickTarget::TrainVal => self.form.val = text,
+            PickTarget::TrainOut => self.form.out = text,
             _ => {}
         }
     }
@@ -275,56 +251,60 @@ impl TrainTabState {
         if self.export_seen.as_ref() == Some(&dest) {
             return;
         }
-        let untouched = self.dataset.trim().is_empty()
-            || self.export_seen.as_deref() == Some(self.dataset.trim());
+        let untouched = self.form.dataset.trim().is_empty()
+            || self.export_seen.as_deref() == Some(self.form.dataset.trim());
         if untouched {
-            self.dataset = dest.clone();
+            self.form.dataset = dest.clone();
         }
         self.export_seen = Some(dest);
     }
 
     /// The built-in trainer's configuration from the fields.
     pub fn config(&self) -> Result<TrainConfig, String> {
-        let data = match self.data {
-            DataChoice::Path => path(&self.dataset).ok_or(
+        let data = match self.form.data {
+            DataChoice::Path => path(&self.form.dataset).ok_or(
                 "choose a dataset (ImageFolder or RecordIO folder), or ProcFace (built-in)",
             )?,
             DataChoice::ProcFace => PathBuf::from("procface"),
         };
-        let out = path(&self.out).ok_or("choose an output folder")?;
+        let out = path(&self.form.out).ok_or("choose an output folder")?;
         let err = |e: anyhow::Error| format!("{e:#}");
-        let mut backbone =
-            BackboneSpec::parse(self.backbone.trim(), self.num_features, self.dropout)
-                .map_err(err)?;
-        backbone.width = self.width;
-        backbone.input_size = self.input_size;
-        let mut cfg = TrainConfig::new(data, out).with_loss(self.loss);
+        let mut backbone = BackboneSpec::parse(
+            self.form.backbone.trim(),
+            self.form.num_features,
+            self.form.dropout,
+        )
+        .map_err(err)?;
+        backbone.width = self.form.width;
+        backbone.input_size = self.form.input_size;
+        let mut cfg = TrainConfig::new(data, out).with_loss(self.form.loss);
         cfg.backbone = backbone;
-        cfg.epochs = self.epochs;
-        cfg.batch_size = self.batch_size;
-        cfg.lr = self.lr;
-        cfg.scale_lr = self.scale_lr;
-        cfg.warmup_epochs = self.warmup_epochs;
-        cfg.augment.num_ops = self.rand_ops;
-        cfg.seed = self.seed;
-        cfg.device = self.device.trim().to_string();
-        cfg.val = path(&self.val);
-        cfg.resume = self.resume;
+        cfg.epochs = self.form.epochs;
+        cfg.batch_size = self.form.batch_size;
+        cfg.lr = self.form.lr;
+        cfg.scale_lr = self.form.scale_lr;
+        cfg.warmup_epochs = self.form.warmup_epochs;
+        cfg.augment.num_ops = self.form.rand_ops;
+        cfg.seed = self.form.seed;
+        cfg.device = self.form.device.trim().to_string();
+        cfg.val = path(&self.form.val);
+        cfg.resume = self.form.resume;
         cfg.validate().map_err(err)?;
         Ok(cfg)
     }
 
     /// The job the fields describe.
     pub fn job(&self) -> Result<TrainJob, String> {
-        match self.trainer {
+        match self.form.trainer {
             TrainerKind::BuiltIn => {
-                let procface = (self.data == DataChoice::ProcFace).then_some(ProcFaceData {
-                    identities: self.procface_identities,
-                    per_identity: self.procface_per_identity,
+                let procface = (self.form.data == DataChoice::ProcFace).then_some(ProcFaceData {
+                    identities: self.form.procface_identities,
+                    per_identity: self.form.procface_per_identity,
                 });
-                let procface_val =
-                    (procface.is_some() && self.procface_val && path(&self.val).is_none())
-                        .then_some(self.procface_val_identities);
+                let procface_val = (procface.is_some()
+                    && self.form.procface_val
+                    && path(&self.form.val).is_none())
+                .then_some(self.form.procface_val_identities);
                 Ok(TrainJob::BuiltIn {
                     config: Box::new(self.config()?),
                     procface,
@@ -332,14 +312,14 @@ impl TrainTabState {
                 })
             }
             TrainerKind::External => {
-                if self.command.trim().is_empty() {
+                if self.form.command.trim().is_empty() {
                     return Err("enter the external trainer's command".into());
                 }
-                let dataset = path(&self.dataset).ok_or("choose a dataset folder")?;
+                let dataset = path(&self.form.dataset).ok_or("choose a dataset folder")?;
                 Ok(TrainJob::External {
-                    template: self.command.trim().to_string(),
+                    template: self.form.command.trim().to_string(),
                     dataset: dataset.display().to_string(),
-                    output: path(&self.out).ok_or("choose an output folder")?,
+                    output: path(&self.form.out).ok_or("choose an output folder")?,
                 })
             }
         }
@@ -378,22 +358,22 @@ impl TrainTabState {
         };
         let id = self.next_id;
         self.next_id += 1;
-        let resuming = self.trainer == TrainerKind::BuiltIn && self.resume;
+        let resuming = self.form.trainer == TrainerKind::BuiltIn && self.form.resume;
         if !resuming {
             self.clear_curves();
         }
         self.log.clear();
         self.last = None;
-        self.last_kind = self.trainer;
+        self.last_kind = self.form.trainer;
         self.run_started = None;
-        self.phase = Some(match self.trainer {
+        self.phase = Some(match self.form.trainer {
             TrainerKind::BuiltIn => "preparing the data and the model…".into(),
             TrainerKind::External => "starting the external trainer…".into(),
         });
         let cancel = Arc::new(AtomicBool::new(false));
         self.running = Some(RunningTrain {
             id,
-            kind: self.trainer,
+            kind: self.form.trainer,
             cancel: cancel.clone(),
             stopping: false,
             started: Instant::now(),
@@ -424,7 +404,7 @@ impl TrainTabState {
                         );
                         if !s.completed && s.steps > 0 {
                             // Start continues from the checkpoint.
-                            self.resume = true;
+                            self.form.resume = true;
                         }
                     }
                     Ok(TrainOutcome::External(e)) => self.push_log(
@@ -564,7 +544,7 @@ pub fn show(ui: &mut Ui, state: &mut AppState, cx: &mut ViewCtx) {
             run_section(ui, state, cx);
             ui.separator();
             if state.train_tab.last_kind == TrainerKind::BuiltIn
-                || state.train_tab.trainer == TrainerKind::BuiltIn
+                || state.train_tab.form.trainer == TrainerKind::BuiltIn
             {
                 plots(ui, &state.train_tab);
             }
@@ -593,10 +573,18 @@ fn pick_field(
 fn settings(ui: &mut Ui, t: &mut TrainTabState, cx: &mut ViewCtx) {
     ui.horizontal(|ui| {
         ui.label(RichText::new("Trainer").strong());
-        ui.radio_value(&mut t.trainer, TrainerKind::BuiltIn, "Built-in (candle)");
-        ui.radio_value(&mut t.trainer, TrainerKind::External, "External command");
+        ui.radio_value(
+            &mut t.form.trainer,
+            TrainerKind::BuiltIn,
+            "Built-in (candle)",
+        );
+        ui.radio_value(
+            &mut t.form.trainer,
+            TrainerKind::External,
+            "External command",
+        );
     });
-    match t.trainer {
+    match t.form.trainer {
         TrainerKind::BuiltIn => builtin_settings(ui, t, cx),
         TrainerKind::External => external_settings(ui, t, cx),
     }
@@ -605,25 +593,29 @@ fn settings(ui: &mut Ui, t: &mut TrainTabState, cx: &mut ViewCtx) {
 fn builtin_settings(ui: &mut Ui, t: &mut TrainTabState, cx: &mut ViewCtx) {
     ui.horizontal(|ui| {
         ui.label(RichText::new("Data").strong());
-        ui.radio_value(&mut t.data, DataChoice::Path, "Dataset folder");
-        ui.radio_value(&mut t.data, DataChoice::ProcFace, "ProcFace (built-in)");
+        ui.radio_value(&mut t.form.data, DataChoice::Path, "Dataset folder");
+        ui.radio_value(
+            &mut t.form.data,
+            DataChoice::ProcFace,
+            "ProcFace (built-in)",
+        );
     });
-    match t.data {
+    match t.form.data {
         DataChoice::Path => pick_field(
             ui,
             cx,
             "Dataset: ImageFolder, or RecordIO (folder with train.rec, or X.rec)",
-            &mut t.dataset,
+            &mut t.form.dataset,
             "the Export tab's destination",
             PickTarget::TrainData,
         ),
         DataChoice::ProcFace => {
             ui.horizontal(|ui| {
                 let l = ui.label("identities");
-                ui.add(egui::DragValue::new(&mut t.procface_identities).range(2..=100_000))
+                ui.add(egui::DragValue::new(&mut t.form.procface_identities).range(2..=100_000))
                     .labelled_by(l.id);
                 let l = ui.label("images per identity");
-                ui.add(egui::DragValue::new(&mut t.procface_per_identity).range(1..=1000))
+                ui.add(egui::DragValue::new(&mut t.form.procface_per_identity).range(1..=1000))
                     .labelled_by(l.id);
             });
             widgets::caption(
@@ -644,13 +636,13 @@ fn builtin_settings(ui: &mut Ui, t: &mut TrainTabState, cx: &mut ViewCtx) {
                     .width(70.0)
                     .show_ui(ui, |ui| {
                         for p in ["iresnet18", "iresnet34", "iresnet50", "1,1,1,1"] {
-                            ui.selectable_value(&mut t.backbone, p.to_string(), p);
+                            ui.selectable_value(&mut t.form.backbone, p.to_string(), p);
                         }
                     })
                     .response
                     .labelled_by(l.id);
                 ui.add(
-                    egui::TextEdit::singleline(&mut t.backbone)
+                    egui::TextEdit::singleline(&mut t.form.backbone)
                         .desired_width(100.0)
                         .min_size(egui::vec2(100.0, 0.0)),
                 )
@@ -659,37 +651,43 @@ fn builtin_settings(ui: &mut Ui, t: &mut TrainTabState, cx: &mut ViewCtx) {
             });
             let l = ui.label("Loss");
             ui.horizontal(|ui| {
-                ui.radio_value(&mut t.loss, LossKind::CosFace, "CosFace")
+                ui.radio_value(&mut t.form.loss, LossKind::CosFace, "CosFace")
                     .labelled_by(l.id)
                     .on_hover_text("s = 64, m = 0.35 (the paper's)");
-                ui.radio_value(&mut t.loss, LossKind::ArcFace, "ArcFace")
+                ui.radio_value(&mut t.form.loss, LossKind::ArcFace, "ArcFace")
                     .on_hover_text("s = 64, m = 0.5");
             });
             ui.end_row();
-            drag(ui, "Width", &mut t.width, 4..=256, 1.0);
-            drag(ui, "Input size", &mut t.input_size, 16..=224, 16.0);
+            drag(ui, "Width", &mut t.form.width, 4..=256, 1.0);
+            drag(ui, "Input size", &mut t.form.input_size, 16..=224, 16.0);
             ui.end_row();
-            drag(ui, "Embedding size", &mut t.num_features, 2..=2048, 1.0);
-            drag(ui, "Epochs", &mut t.epochs, 1..=1000, 1.0);
+            drag(
+                ui,
+                "Embedding size",
+                &mut t.form.num_features,
+                2..=2048,
+                1.0,
+            );
+            drag(ui, "Epochs", &mut t.form.epochs, 1..=1000, 1.0);
             ui.end_row();
-            drag(ui, "Batch size", &mut t.batch_size, 2..=4096, 1.0);
+            drag(ui, "Batch size", &mut t.form.batch_size, 2..=4096, 1.0);
             let l = ui.label("Learning rate");
             ui.horizontal(|ui| {
                 ui.add(
-                    egui::DragValue::new(&mut t.lr)
+                    egui::DragValue::new(&mut t.form.lr)
                         .range(1e-6..=10.0)
                         .speed(0.001)
                         .max_decimals(6),
                 )
                 .labelled_by(l.id);
-                ui.checkbox(&mut t.scale_lr, "× batch/512");
+                ui.checkbox(&mut t.form.scale_lr, "× batch/512");
             });
             ui.end_row();
         });
-    let peak = if t.scale_lr {
-        t.lr * t.batch_size as f64 / 512.0
+    let peak = if t.form.scale_lr {
+        t.form.lr * t.form.batch_size as f64 / 512.0
     } else {
-        t.lr
+        t.form.lr
     };
     widgets::caption(
         ui,
@@ -707,25 +705,26 @@ fn builtin_settings(ui: &mut Ui, t: &mut TrainTabState, cx: &mut ViewCtx) {
                 .show(ui, |ui| {
                     let l = ui.label("Dropout");
                     ui.add(
-                        egui::DragValue::new(&mut t.dropout)
+                        egui::DragValue::new(&mut t.form.dropout)
                             .range(0.0..=0.95)
                             .speed(0.01),
                     )
                     .labelled_by(l.id);
                     let l = ui.label("Warm-up epochs");
                     ui.add(
-                        egui::DragValue::new(&mut t.warmup_epochs)
+                        egui::DragValue::new(&mut t.form.warmup_epochs)
                             .range(0.0..=100.0)
                             .speed(0.1),
                     )
                     .labelled_by(l.id);
                     ui.end_row();
-                    drag(ui, "RandAugment ops", &mut t.rand_ops, 0..=12, 1.0);
+                    drag(ui, "RandAugment ops", &mut t.form.rand_ops, 0..=12, 1.0);
                     let l = ui.label("Seed");
-                    ui.add(egui::DragValue::new(&mut t.seed)).labelled_by(l.id);
+                    ui.add(egui::DragValue::new(&mut t.form.seed))
+                        .labelled_by(l.id);
                     ui.end_row();
                     let l = ui.label("Device");
-                    ui.add(egui::TextEdit::singleline(&mut t.device).desired_width(80.0))
+                    ui.add(egui::TextEdit::singleline(&mut t.form.device).desired_width(80.0))
                         .labelled_by(l.id)
                         .on_hover_text("cpu or cuda:N");
                     ui.end_row();
@@ -735,19 +734,19 @@ fn builtin_settings(ui: &mut Ui, t: &mut TrainTabState, cx: &mut ViewCtx) {
         ui,
         cx,
         "Validation pairs (.bin, optional; evaluated after every epoch)",
-        &mut t.val,
+        &mut t.form.val,
         "lfw.bin / agedb_30.bin / …",
         PickTarget::TrainVal,
     );
-    if t.data == DataChoice::ProcFace && path(&t.val).is_none() {
+    if t.form.data == DataChoice::ProcFace && path(&t.form.val).is_none() {
         ui.horizontal(|ui| {
             ui.checkbox(
-                &mut t.procface_val,
+                &mut t.form.procface_val,
                 "Validate on held-out ProcFace identities",
             );
             ui.add_enabled(
-                t.procface_val,
-                egui::DragValue::new(&mut t.procface_val_identities)
+                t.form.procface_val,
+                egui::DragValue::new(&mut t.form.procface_val_identities)
                     .range(2..=10_000)
                     .suffix(" identities"),
             );
@@ -757,12 +756,12 @@ fn builtin_settings(ui: &mut Ui, t: &mut TrainTabState, cx: &mut ViewCtx) {
         ui,
         cx,
         "Output folder (checkpoints, metrics, backbone.safetensors)",
-        &mut t.out,
+        &mut t.form.out,
         "fr_runs/run1",
         PickTarget::TrainOut,
     );
     ui.checkbox(
-        &mut t.resume,
+        &mut t.form.resume,
         "Resume from the checkpoint in the output folder",
     );
 }
@@ -786,7 +785,7 @@ fn external_settings(ui: &mut Ui, t: &mut TrainTabState, cx: &mut ViewCtx) {
          the (quoted) paths below. Its output is streamed into the log; Stop terminates it.",
     );
     ui.add(
-        egui::TextEdit::multiline(&mut t.command)
+        egui::TextEdit::multiline(&mut t.form.command)
             .desired_rows(2)
             .desired_width(f32::INFINITY)
             .code_editor()
@@ -797,7 +796,7 @@ fn external_settings(ui: &mut Ui, t: &mut TrainTabState, cx: &mut ViewCtx) {
         ui,
         cx,
         "Dataset ({dataset})",
-        &mut t.dataset,
+        &mut t.form.dataset,
         "the Export tab's destination",
         PickTarget::TrainData,
     );
@@ -805,7 +804,7 @@ fn external_settings(ui: &mut Ui, t: &mut TrainTabState, cx: &mut ViewCtx) {
         ui,
         cx,
         "Output folder ({output}, created if missing)",
-        &mut t.out,
+        &mut t.form.out,
         "fr_runs/run1",
         PickTarget::TrainOut,
     );
@@ -1054,13 +1053,13 @@ mod tests {
     fn fields_become_a_config_or_a_message() {
         let mut t = TrainTabState::default();
         assert!(t.config().unwrap_err().contains("choose a dataset"));
-        t.data = DataChoice::ProcFace;
-        t.backbone = "1,1,1,1".into();
-        t.width = 8;
-        t.input_size = 32;
-        t.num_features = 16;
-        t.batch_size = 8;
-        t.loss = LossKind::ArcFace;
+        t.form.data = DataChoice::ProcFace;
+        t.form.backbone = "1,1,1,1".into();
+        t.form.width = 8;
+        t.form.input_size = 32;
+        t.form.num_features = 16;
+        t.form.batch_size = 8;
+        t.form.loss = LossKind::ArcFace;
         let cfg = t.config().unwrap();
         assert_eq!(cfg.backbone.layers, [1, 1, 1, 1]);
         assert_eq!((cfg.backbone.width, cfg.backbone.input_size), (8, 32));
@@ -1076,14 +1075,14 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        t.input_size = 40;
+        t.form.input_size = 40;
         assert!(t.config().is_err(), "input size must be a multiple of 16");
-        t.input_size = 32;
-        t.backbone = "resnet9000".into();
+        t.form.input_size = 32;
+        t.form.backbone = "resnet9000".into();
         assert!(t.config().unwrap_err().contains("unknown backbone"));
-        t.trainer = TrainerKind::External;
+        t.form.trainer = TrainerKind::External;
         assert!(t.job().unwrap_err().contains("dataset"));
-        t.dataset = "/data/x".into();
+        t.form.dataset = "/data/x".into();
         assert!(matches!(t.job().unwrap(), TrainJob::External { .. }));
     }
 
@@ -1091,14 +1090,14 @@ mod tests {
     fn dataset_follows_the_last_export_until_edited() {
         let mut t = TrainTabState::default();
         t.follow_export(None);
-        assert_eq!(t.dataset, "");
+        assert_eq!(t.form.dataset, "");
         t.follow_export(Some("/exports/a".into()));
-        assert_eq!(t.dataset, "/exports/a");
+        assert_eq!(t.form.dataset, "/exports/a");
         t.follow_export(Some("/exports/b".into()));
-        assert_eq!(t.dataset, "/exports/b");
-        t.dataset = "/mine".into();
+        assert_eq!(t.form.dataset, "/exports/b");
+        t.form.dataset = "/mine".into();
         t.follow_export(Some("/exports/c".into()));
-        assert_eq!(t.dataset, "/mine");
+        assert_eq!(t.form.dataset, "/mine");
     }
 
     fn step(epoch: usize, batch: usize, step: usize) -> TrainEvent {
@@ -1187,7 +1186,7 @@ mod tests {
                 backbone: None,
             })),
         });
-        assert!(!t.is_running() && t.resume);
+        assert!(!t.is_running() && t.form.resume);
         assert!(outcome_text(&t).unwrap().0.starts_with("Stopped at step 3"));
         // A resumed run keeps the curves up to its checkpoint.
         t.running = Some(RunningTrain {
