@@ -568,6 +568,41 @@ fn generate_procface_identities_with_reference_column() {
     );
     assert_eq!(tile(0, 1), reference);
     assert_eq!(tile(2, 1), sample);
+
+    // Analysing a generate output scores its images against the contexts in its manifest.
+    let rep = dir.path().join("rep");
+    let o = run(&["analyze", "--images", s(&out), "--out", s(&rep)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("context cosine"));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(rep.join("metrics.json")).unwrap()).unwrap();
+    let per: Vec<f64> = report["per_identity"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r["context_mean"]
+                .as_f64()
+                .expect("per-identity context cosine")
+        })
+        .collect();
+    let overall = report["context_cosine"].as_f64().unwrap();
+    assert_eq!(per.len(), 2);
+    assert!(
+        (overall - (per[0] + per[1]) / 2.0).abs() < 1e-9,
+        "{per:?} {overall}"
+    );
+    let csv = std::fs::read_to_string(rep.join("per_identity.csv")).unwrap();
+    assert!(csv.lines().next().unwrap().ends_with(",context_mean"));
+    assert!(csv
+        .lines()
+        .nth(1)
+        .unwrap()
+        .rsplit(',')
+        .next()
+        .unwrap()
+        .parse::<f64>()
+        .is_ok());
 }
 
 // ---- analysis: `metrics`, `analyze` ----

@@ -896,4 +896,30 @@ fn built_in_model_generates_procface_identities() {
     assert_eq!(h.state().state.zoom, Some(1));
     h.get_by_label("reference 1");
     assert!(h.query_by_label("reference 0").is_none());
+
+    // Analysing the grid scores each identity's samples against its context.
+    h.state_mut().state.tab = idiff_studio::app::state::Tab::Analyze;
+    h.run();
+    h.get_by_label("Run analysis").click();
+    h.step();
+    step_until(&mut h, Duration::from_secs(120), "the analysis", |a| {
+        a.state.analyze.running.is_none()
+    });
+    let a = &h.state().state.analyze;
+    assert!(a.error.is_none(), "{:?}", a.error);
+    let report = &a.result.as_ref().expect("a result").report;
+    let per: Vec<f64> = report
+        .per_identity
+        .iter()
+        .map(|s| s.context_mean.expect("every identity has a context"))
+        .collect();
+    let overall = report.context_cosine.expect("context cosine");
+    assert!(
+        (overall - per.iter().sum::<f64>() / 3.0).abs() < 1e-9,
+        "2 samples each"
+    );
+    assert!(per.iter().all(|c| c.abs() <= 1.0));
+    h.run();
+    h.get_by_label("Context cosine");
+    h.get_by_label("Context sim");
 }

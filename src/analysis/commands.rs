@@ -131,7 +131,22 @@ pub fn run_analyze(a: &AnalyzeArgs) -> Result<i32> {
         .as_deref()
         .map(|p| ReferenceSet::load(p, emb.dim))
         .transpose()?;
-    let report = analyze(&emb, reference.as_ref(), &a.report_options())?;
+    let mut report = analyze(&emb, reference.as_ref(), &a.report_options())?;
+    if let Some(contexts) = a
+        .images
+        .as_deref()
+        .and_then(|d| generated_contexts(d, &emb))
+    {
+        if contexts.iter().all(|c| c.len() == emb.dim) {
+            report.score_contexts(&emb, &contexts)?;
+        } else {
+            eprintln!(
+                "note: contexts not scored: the generator's contexts are {}-d, the FR model's embeddings {}-d",
+                contexts[0].len(),
+                emb.dim
+            );
+        }
+    }
     let mut written = write_report_dir(&report, &a.out)?;
     if a.images.is_some() {
         let p = a.out.join(EMBEDDINGS_FILE);
@@ -149,6 +164,30 @@ pub fn run_analyze(a: &AnalyzeArgs) -> Result<i32> {
         names.join(", ")
     ));
     Ok(0)
+}
+
+/// The contexts of `emb`'s identities when `dir` is a `generate` output (its `manifest.json`
+/// says how to rebuild them); `None` for other folders, or with a note when they cannot be
+/// rebuilt (e.g. a moved context file).
+fn generated_contexts(dir: &Path, emb: &Embeddings) -> Option<Vec<Vec<f32>>> {
+    let text = std::fs::read_to_string(dir.join("manifest.json")).ok()?;
+    let manifest: crate::generate::Manifest = serde_json::from_str(&text).ok()?;
+    let width = manifest.generation.unet_config.context_input_channels;
+    let identities = match manifest.generation.identities.resolve(width) {
+        Ok(ids) => ids,
+        Err(e) => {
+            eprintln!("note: contexts not scored: {e:#}");
+            return None;
+        }
+    };
+    let by_folder: std::collections::HashMap<String, Vec<f32>> = identities
+        .into_iter()
+        .map(|i| (crate::generate::identity_dir_name(i.index), i.context))
+        .collect();
+    emb.identities
+        .iter()
+        .map(|name| by_folder.get(name).cloned())
+        .collect()
 }
 
 fn embed_images(a: &AnalyzeArgs, dir: &Path, weights: &Path) -> Result<Embeddings> {
@@ -239,6 +278,11 @@ pub fn summary(r: &Report, seconds: f64) -> String {
             );
         }
         None => s += "no metrics: need at least one genuine and one impostor pair\n",
+    }
+    if let Some(c) = r.context_cosine {
+        s += &format!(
+            "context cosine {c:.4} (images against the contexts they were generated from)\n"
+        );
     }
     s += &format!(
         "histogram ({} bins, {} pairs) on {}\n",

@@ -108,7 +108,7 @@ fn opt(v: Option<f64>) -> String {
 /// Header of [`per_identity_csv`].
 pub const PER_IDENTITY_HEADER: &str = "label,identity,samples,centroid_mean,centroid_std,\
 centroid_min,genuine_mean,nearest_identity,nearest_similarity,outliers,outlier_files,\
-leak_similarity,leak_reference,leaked";
+leak_similarity,leak_reference,leaked,context_mean";
 
 /// One row per identity (outlier files joined by `;`).
 pub fn per_identity_csv(report: &Report) -> String {
@@ -118,7 +118,7 @@ pub fn per_identity_csv(report: &Report) -> String {
         let outlier_files: Vec<&str> = r.outliers.iter().map(|o| o.file.as_str()).collect();
         let _ = writeln!(
             s,
-            "{},{},{},{:.6},{:.6},{:.6},{},{},{},{},{},{},{},{}",
+            "{},{},{},{:.6},{:.6},{:.6},{},{},{},{},{},{},{},{},{}",
             r.label,
             field(&r.name),
             r.samples,
@@ -133,6 +133,7 @@ pub fn per_identity_csv(report: &Report) -> String {
             opt(r.leak_similarity),
             r.leak_reference.map(|v| v.to_string()).unwrap_or_default(),
             r.leaked,
+            opt(r.context_mean),
         );
     }
     s

@@ -112,6 +112,10 @@ pub struct IdentityStats {
     pub leak_reference: Option<usize>,
     /// `leak_similarity > leak_threshold`.
     pub leaked: bool,
+    /// Mean cosine similarity of the samples to the identity's context, when the generator's
+    /// contexts were given and live in the FR model's space (see [`Report::score_contexts`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_mean: Option<f64>,
 }
 
 /// Summary of the leakage check.
@@ -157,6 +161,10 @@ pub struct Report {
     pub per_identity: Vec<IdentityStats>,
     /// Leakage summary when a reference set was given.
     pub leakage: Option<LeakageSummary>,
+    /// Mean cosine similarity of every image to its identity's context (IDiff-Face's
+    /// identity-consistency measure), when contexts were scored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_cosine: Option<f64>,
     /// Genuine scores in pair order.
     #[serde(skip)]
     pub genuine: Vec<f64>,
@@ -181,6 +189,51 @@ impl Report {
     /// Outlier samples of all identities.
     pub fn outlier_count(&self) -> usize {
         self.per_identity.iter().map(|s| s.outliers.len()).sum()
+    }
+
+    /// Scores each image against its identity's context — the vector the generator was
+    /// conditioned on, one per identity of `emb` — by cosine similarity: fills
+    /// [`IdentityStats::context_mean`] and [`Report::context_cosine`] (mean over images).
+    ///
+    /// # Errors
+    /// When the number of contexts is not the number of identities, or their width is not
+    /// the embeddings' (contexts from another FR model).
+    pub fn score_contexts(&mut self, emb: &Embeddings, contexts: &[Vec<f32>]) -> Result<()> {
+        if contexts.len() != emb.identities.len() {
+            bail!(
+                "{} contexts for {} identities",
+                contexts.len(),
+                emb.identities.len()
+            );
+        }
+        if let Some(c) = contexts.iter().find(|c| c.len() != emb.dim) {
+            bail!(
+                "contexts are {}-d but the FR model's embeddings are {}-d: they come from another model",
+                c.len(),
+                emb.dim
+            );
+        }
+        let unit = |v: &[f32]| {
+            let n = v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+            v.iter()
+                .map(|x| f64::from(*x) / n.max(1e-12))
+                .collect::<Vec<f64>>()
+        };
+        let mut sums = vec![(0.0f64, 0usize); contexts.len()];
+        for (i, &label) in emb.labels.iter().enumerate() {
+            let e = unit(&emb.data[i * emb.dim..(i + 1) * emb.dim]);
+            let c = unit(&contexts[label as usize]);
+            let slot = &mut sums[label as usize];
+            slot.0 += e.iter().zip(&c).map(|(a, b)| a * b).sum::<f64>();
+            slot.1 += 1;
+        }
+        for s in &mut self.per_identity {
+            let (sum, n) = sums[s.label as usize];
+            s.context_mean = (n > 0).then(|| sum / n as f64);
+        }
+        let (sum, n) = sums.iter().fold((0.0, 0), |(a, k), (s, m)| (a + s, k + m));
+        self.context_cosine = (n > 0).then(|| sum / n as f64);
+        Ok(())
     }
 }
 
@@ -321,6 +374,7 @@ pub fn analyze(
                 leaked: leak_similarity.is_some_and(|s| s > opts.leak_threshold),
                 leak_similarity,
                 leak_reference,
+                context_mean: None,
             }
         })
         .collect();
@@ -347,6 +401,7 @@ pub fn analyze(
         histogram_device,
         per_identity,
         leakage,
+        context_cosine: None,
         genuine,
         impostor,
         centroids,
@@ -459,6 +514,47 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha20Rng;
+
+    /// Context cosine by hand: identity 0's samples (1,0), (0.8,0.6) against context (1,0)
+    /// give 1 and 0.8; identity 1's (0,1), (1,0) against (0,2) (not unit) give 1 and 0.
+    #[test]
+    fn contexts_are_scored_per_identity_and_over_all_images() {
+        let emb = Embeddings {
+            dim: 2,
+            data: vec![1.0, 0.0, 0.8, 0.6, 0.0, 1.0, 1.0, 0.0],
+            labels: vec![0, 0, 1, 1],
+            identities: vec!["a".into(), "b".into()],
+            files: (0..4).map(|i| i.to_string()).collect(),
+        };
+        let mut r = analyze(&emb, None, &ReportOptions::default()).unwrap();
+        assert_eq!(r.context_cosine, None);
+        r.score_contexts(&emb, &[vec![1.0, 0.0], vec![0.0, 2.0]])
+            .unwrap();
+        let per: Vec<f64> = r
+            .per_identity
+            .iter()
+            .map(|s| s.context_mean.unwrap())
+            .collect();
+        assert!(
+            (per[0] - 0.9).abs() < 1e-6 && (per[1] - 0.5).abs() < 1e-6,
+            "{per:?}"
+        );
+        assert!((r.context_cosine.unwrap() - 0.7).abs() < 1e-6);
+        let json = serde_json::to_value(&r).unwrap();
+        assert!((json["context_cosine"].as_f64().unwrap() - 0.7).abs() < 1e-6);
+        let err = r.score_contexts(&emb, &[vec![1.0, 0.0]]).unwrap_err();
+        assert!(
+            err.to_string().contains("1 contexts for 2 identities"),
+            "{err}"
+        );
+        let err = r
+            .score_contexts(&emb, &[vec![1.0; 3], vec![1.0; 3]])
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("3-d") && err.to_string().contains("2-d"),
+            "{err}"
+        );
+    }
 
     /// `ids` identities of `per` samples: a random direction plus noise, normalised.
     pub(crate) fn clustered(

@@ -120,6 +120,8 @@ pub struct Grid {
     pub finished_rows: BTreeSet<usize>,
     /// Rejects.
     pub rejects: Rejects,
+    /// The context of each row, when known (set by the run that fills the grid).
+    pub contexts: Vec<Arc<Vec<f32>>>,
     next_version: u64,
 }
 
@@ -133,6 +135,7 @@ impl Grid {
             cells: vec![None; n],
             finished_rows: BTreeSet::new(),
             rejects: Rejects::default(),
+            contexts: Vec::new(),
             next_version: 1,
         }
     }

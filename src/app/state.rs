@@ -265,6 +265,7 @@ impl AppState {
         self.next_job += 1;
         let cancel = Arc::new(AtomicBool::new(false));
         let mut grid = Grid::new(id, spec);
+        grid.contexts = contexts.iter().take(grid.rows()).cloned().collect();
         // Same identities and settings: the seed contract reproduces the images, so keep
         // the curation.
         if let Some(old) = self.grid.take() {

@@ -15,11 +15,25 @@ use crate::analysis::embed::{
 };
 use crate::analysis::report::{analyze, ReferenceSet, Report, ReportOptions};
 
+/// One identity of the images held by the UI.
+#[derive(Debug, Clone)]
+pub struct AnalyzeIdentity {
+    /// Its grid row.
+    pub row: usize,
+    /// Its name.
+    pub name: String,
+    /// Its images.
+    pub images: Vec<Arc<RgbImage>>,
+    /// The context it was generated from (scored against its images when every identity
+    /// has one of the FR model's width).
+    pub context: Option<Arc<Vec<f32>>>,
+}
+
 /// Where the images to analyse come from.
 #[derive(Debug, Clone)]
 pub enum AnalyzeSource {
-    /// Images held by the UI: one entry per identity (grid row) with its name and images.
-    Images(Vec<(usize, String, Vec<Arc<RgbImage>>)>),
+    /// Images held by the UI, one entry per identity (grid row).
+    Images(Vec<AnalyzeIdentity>),
     /// An ImageFolder on disk (embeddings cached).
     Folder(PathBuf),
 }
@@ -99,7 +113,7 @@ fn compute(req: &AnalyzeRequest, events: &EventSender) -> Result<Computed> {
     let progress = |done: usize, total: usize| {
         events.send(Event::AnalysisProgress { id, done, total });
     };
-    let (emb, rows) = match &req.source {
+    let (emb, rows, contexts) = match &req.source {
         AnalyzeSource::Folder(dir) => {
             let opts = EmbedOptions {
                 flip: req.flip,
@@ -114,12 +128,12 @@ fn compute(req: &AnalyzeRequest, events: &EventSender) -> Result<Computed> {
                 Some(&req.cancel),
             )?;
             let n = emb.identities.len();
-            (emb, vec![None; n])
+            (emb, vec![None; n], None)
         }
         AnalyzeSource::Images(groups) => {
             let images: Vec<&RgbImage> = groups
                 .iter()
-                .flat_map(|(_, _, imgs)| imgs.iter().map(|i| i.as_ref()))
+                .flat_map(|g| g.images.iter().map(|i| i.as_ref()))
                 .collect();
             if images.is_empty() {
                 bail!("no finished images to analyse");
@@ -135,20 +149,24 @@ fn compute(req: &AnalyzeRequest, events: &EventSender) -> Result<Computed> {
             )?;
             let mut labels = Vec::new();
             let mut files = Vec::new();
-            for (k, (_, name, imgs)) in groups.iter().enumerate() {
-                for s in 0..imgs.len() {
+            for (k, g) in groups.iter().enumerate() {
+                for s in 0..g.images.len() {
                     labels.push(k as u32);
-                    files.push(format!("{name}/{s:04}"));
+                    files.push(format!("{}/{s:04}", g.name));
                 }
             }
             let emb = Embeddings {
                 dim: model.dim(),
                 data,
                 labels,
-                identities: groups.iter().map(|(_, n, _)| n.clone()).collect(),
+                identities: groups.iter().map(|g| g.name.clone()).collect(),
                 files,
             };
-            (emb, groups.iter().map(|(row, _, _)| Some(*row)).collect())
+            let contexts: Option<Vec<Vec<f32>>> = groups
+                .iter()
+                .map(|g| g.context.as_ref().map(|c| c.to_vec()))
+                .collect();
+            (emb, groups.iter().map(|g| Some(g.row)).collect(), contexts)
         }
     };
     let reference = req
@@ -158,9 +176,10 @@ fn compute(req: &AnalyzeRequest, events: &EventSender) -> Result<Computed> {
         .transpose()
         .map_err(|e| anyhow!("{e:#}"))?;
     let unaligned = model.aligns().then(|| model.unaligned_count());
-    Ok((
-        analyze(&emb, reference.as_ref(), &req.options)?,
-        rows,
-        unaligned,
-    ))
+    let mut report = analyze(&emb, reference.as_ref(), &req.options)?;
+    // Contexts of another width come from another FR model: nothing to compare them with.
+    if let Some(c) = contexts.filter(|c| c.iter().all(|r| r.len() == emb.dim)) {
+        report.score_contexts(&emb, &c)?;
+    }
+    Ok((report, rows, unaligned))
 }

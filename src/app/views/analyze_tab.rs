@@ -15,7 +15,7 @@ use crate::analysis::output::{write_plots, write_report_dir};
 use crate::analysis::plots::densities;
 use crate::analysis::report::{HistogramBackend, IdentityStats, ReportOptions};
 use crate::app::state::{AppState, Tab};
-use crate::worker::analyze::{AnalysisResult, AnalyzeRequest, AnalyzeSource};
+use crate::worker::analyze::{AnalysisResult, AnalyzeIdentity, AnalyzeRequest, AnalyzeSource};
 use crate::worker::{Command, Event, Worker};
 
 /// Largest number of identities shown in the centroid heatmap.
@@ -40,14 +40,17 @@ pub enum Column {
     Outliers,
     /// Best reference similarity.
     Leak,
+    /// Mean similarity to the identity's context.
+    Context,
 }
 
 impl Column {
-    const ALL: [Column; 7] = [
+    const ALL: [Column; 8] = [
         Column::Identity,
         Column::Samples,
         Column::CentroidMean,
         Column::CentroidStd,
+        Column::Context,
         Column::Nearest,
         Column::Outliers,
         Column::Leak,
@@ -62,6 +65,7 @@ impl Column {
             Column::Nearest => "Nearest (sim)",
             Column::Outliers => "Outliers",
             Column::Leak => "Leak sim",
+            Column::Context => "Context sim",
         }
     }
 
@@ -74,6 +78,7 @@ impl Column {
             Column::Nearest => s.nearest_similarity.unwrap_or(f64::NEG_INFINITY),
             Column::Outliers => s.outliers.len() as f64,
             Column::Leak => s.leak_similarity.unwrap_or(f64::NEG_INFINITY),
+            Column::Context => s.context_mean.unwrap_or(f64::NEG_INFINITY),
         }
     }
 }
@@ -198,20 +203,21 @@ pub fn start(state: &mut AppState, worker: &Worker) {
         };
         let groups = (0..grid.rows())
             .filter(|r| !grid.rejects.identities.contains(r))
-            .map(|r| {
-                let images = (0..grid.cols())
-                    .filter(|&c| !grid.rejects.is_rejected(r, c))
-                    .filter_map(|c| grid.cell(r, c).filter(|i| !i.preview))
-                    .map(|i| i.image.clone())
-                    .collect::<Vec<_>>();
-                let name = grid
+            .map(|r| AnalyzeIdentity {
+                row: r,
+                name: grid
                     .spec
                     .rows
                     .get(r)
-                    .map_or(r.to_string(), |l| l.name.clone());
-                (r, name, images)
+                    .map_or(r.to_string(), |l| l.name.clone()),
+                images: (0..grid.cols())
+                    .filter(|&c| !grid.rejects.is_rejected(r, c))
+                    .filter_map(|c| grid.cell(r, c).filter(|i| !i.preview))
+                    .map(|i| i.image.clone())
+                    .collect(),
+                context: grid.contexts.get(r).cloned(),
             })
-            .filter(|(_, _, imgs)| !imgs.is_empty())
+            .filter(|g| !g.images.is_empty())
             .collect();
         AnalyzeSource::Images(groups)
     };
@@ -428,6 +434,9 @@ fn metrics_table(ui: &mut Ui, result: &AnalysisResult) {
             } else {
                 row("Metrics", "need genuine and impostor pairs".into());
             }
+            if let Some(c) = r.context_cosine {
+                row("Context cosine", format!("{c:.4}"));
+            }
             row("Outliers", r.outlier_count().to_string());
             if let Some(l) = &r.leakage {
                 row(
@@ -612,7 +621,11 @@ fn identity_table(ui: &mut Ui, state: &mut AppState, result: &AnalysisResult) {
             egui::Grid::new("analyze_identities")
                 .striped(true)
                 .show(ui, |ui| {
+                    let with_context = r.context_cosine.is_some();
                     for col in Column::ALL {
+                        if col == Column::Context && !with_context {
+                            continue;
+                        }
                         let (cur, desc) = state.analyze.sort;
                         let arrow = if cur == col {
                             if desc {
@@ -636,6 +649,9 @@ fn identity_table(ui: &mut Ui, state: &mut AppState, result: &AnalysisResult) {
                         ui.label(s.samples.to_string());
                         ui.label(format!("{:.4}", s.centroid_mean));
                         ui.label(format!("{:.4}", s.centroid_std));
+                        if with_context {
+                            ui.label(s.context_mean.map_or("-".into(), |v| format!("{v:.4}")));
+                        }
                         ui.label(match (&s.nearest_name, s.nearest_similarity) {
                             (Some(n), Some(v)) => format!("{n} ({v:.3})"),
                             _ => "-".into(),
