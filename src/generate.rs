@@ -497,13 +497,8 @@ pub fn write_grid(out: &Path, manifest: &Manifest) -> Result<()> {
             let img = image::open(&p).with_context(|| format!("cannot read {}", p.display()))?;
             row.push(img.to_rgb8());
         }
-        if let (true, Some(first)) = (procface, row.first()) {
-            let (w, h) = first.dimensions();
-            let reference = crate::default_model::eval::procface_reference(id);
-            let scaled = image::imageops::resize(&reference, w, h, FilterType::Triangle);
-            row.insert(0, scaled);
-        }
-        tiles.push(row);
+        let reference = procface.then(|| crate::default_model::eval::procface_reference(id));
+        tiles.push(with_reference(row, reference.as_ref()));
     }
     if let Some(grid) = compose_grid(&tiles, 2) {
         let mut bytes = Vec::new();
@@ -514,6 +509,19 @@ pub fn write_grid(out: &Path, manifest: &Manifest) -> Result<()> {
         write_bytes_atomic(&out.join("grid.png"), &bytes)?;
     }
     Ok(())
+}
+
+/// `row` with `reference` (if any) scaled to its first image's size put in front: a grid
+/// row that starts with who the identity is.
+pub fn with_reference(mut row: Vec<RgbImage>, reference: Option<&RgbImage>) -> Vec<RgbImage> {
+    if let (Some(reference), Some(first)) = (reference, row.first()) {
+        let (w, h) = first.dimensions();
+        row.insert(
+            0,
+            image::imageops::resize(reference, w, h, FilterType::Triangle),
+        );
+    }
+    row
 }
 
 /// Lays out equally sized tiles in rows with a `gap`-pixel white border.

@@ -5,7 +5,7 @@
 use super::protocol::{DetectedPhoto, Event, LoadedContexts, PhotoFaceInfo};
 use super::EventSender;
 use crate::app::grid::ExportRow;
-use crate::generate::{compose_grid, write_bytes_atomic};
+use crate::generate::{compose_grid, with_reference, write_bytes_atomic};
 use crate::identity::Contexts;
 use anyhow::Context;
 use image::RgbImage;
@@ -29,19 +29,8 @@ pub fn export_png(rows: &[ExportRow], path: &Path) -> anyhow::Result<()> {
     let owned: Vec<Vec<RgbImage>> = rows
         .iter()
         .map(|r| {
-            let scaled = match (&r.reference, r.images.first()) {
-                (Some(reference), Some(first)) => Some(image::imageops::resize(
-                    &*reference.image(),
-                    first.width(),
-                    first.height(),
-                    image::imageops::FilterType::Triangle,
-                )),
-                _ => None,
-            };
-            scaled
-                .into_iter()
-                .chain(r.images.iter().map(|im| (**im).clone()))
-                .collect()
+            let images = r.images.iter().map(|im| (**im).clone()).collect();
+            with_reference(images, r.reference.as_ref().map(|x| x.image()).as_deref())
         })
         .collect();
     let grid = compose_grid(&owned, 2).context("nothing to export: the grid has no images")?;
