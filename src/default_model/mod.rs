@@ -185,10 +185,11 @@ mod tests {
     }
 
     /// Lower bounds for `shipped_default_keeps_identities`, about two thirds of what the
-    /// shipped weights measure there (separation 0.354, context cosine 0.390; the run is
-    /// deterministic). The ε-predicting U-Net before it scored 0.03 and 0.01.
-    const SHIPPED_MIN_SEPARATION: f64 = 0.24;
-    const SHIPPED_MIN_CONTEXT_COSINE: f64 = 0.26;
+    /// shipped weights measure there (separation 0.412, context cosine 0.426; the run is
+    /// deterministic). Session 4's U-Net scored 0.354 and 0.390, the ε-predicting one before
+    /// it 0.03 and 0.01.
+    const SHIPPED_MIN_SEPARATION: f64 = 0.27;
+    const SHIPPED_MIN_CONTEXT_COSINE: f64 = 0.28;
 
     /// The repository ships the default model, so every build embeds it.
     fn require_embedded() {
