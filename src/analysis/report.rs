@@ -213,18 +213,14 @@ impl Report {
                 emb.dim
             );
         }
-        let unit = |v: &[f32]| {
-            let n = v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
-            v.iter()
-                .map(|x| f64::from(*x) / n.max(1e-12))
-                .collect::<Vec<f64>>()
-        };
+        // Embedding rows are unit vectors (as everywhere in the analysis); contexts need not be.
+        let mut unit = contexts.concat();
+        super::embed::normalise_rows(&mut unit, emb.dim);
         let mut sums = vec![(0.0f64, 0usize); contexts.len()];
         for (i, &label) in emb.labels.iter().enumerate() {
-            let e = unit(&emb.data[i * emb.dim..(i + 1) * emb.dim]);
-            let c = unit(&contexts[label as usize]);
-            let slot = &mut sums[label as usize];
-            slot.0 += e.iter().zip(&c).map(|(a, b)| a * b).sum::<f64>();
+            let k = label as usize;
+            let slot = &mut sums[k];
+            slot.0 += f64::from(dot(emb.row(i), &unit[k * emb.dim..(k + 1) * emb.dim]));
             slot.1 += 1;
         }
         for s in &mut self.per_identity {

@@ -177,9 +177,10 @@ fn compute(req: &AnalyzeRequest, events: &EventSender) -> Result<Computed> {
         .map_err(|e| anyhow!("{e:#}"))?;
     let unaligned = model.aligns().then(|| model.unaligned_count());
     let mut report = analyze(&emb, reference.as_ref(), &req.options)?;
-    // Contexts of another width come from another FR model: nothing to compare them with.
-    if let Some(c) = contexts.filter(|c| c.iter().all(|r| r.len() == emb.dim)) {
-        report.score_contexts(&emb, &c)?;
+    // Contexts of another width come from another FR model: nothing to compare them with,
+    // so the report simply has no context cosine.
+    if let Some(c) = contexts {
+        report.score_contexts(&emb, &c).ok();
     }
     Ok((report, rows, unaligned))
 }
