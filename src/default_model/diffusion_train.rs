@@ -9,6 +9,7 @@
 
 use super::data::{images_to_tensor, FaceSet};
 use super::optim::{self, AdamW, AdamWConfig, Ema};
+use super::train_layers::{current_kernels, with_kernels, TrainKernels};
 use crate::diffusion::schedule::Schedule;
 use crate::models::iresnet::{normalise, IResNet, IResNetConfig};
 use crate::models::unet::{ConditionalUNet, Prediction, UNetConfig};
@@ -115,6 +116,11 @@ pub struct TrainDiffusionArgs {
     /// Device: cpu or cuda:N (a `cuda` build).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Instead of training: time this many optimiser steps of the configured U-Net on
+    /// random data with the fused CPU layers and with the composed baseline (nothing is
+    /// written; `--out` is not read).
+    #[arg(long)]
+    pub bench_steps: Option<usize>,
     /// Instead of training: write `--out`'s EMA weights in f16 and its `unet.json` into this
     /// folder (how `assets/default/unet.*` is made; half the size, same architecture).
     #[arg(long)]
@@ -353,6 +359,10 @@ fn prepare(a: &TrainDiffusionArgs, device: &Device) -> Result<LatentSet> {
 
 /// Runs `train-diffusion`; returns the exit code (130 when cancelled).
 pub fn run(a: &TrainDiffusionArgs) -> Result<i32> {
+    if let Some(steps) = a.bench_steps {
+        bench_steps(a, steps)?;
+        return Ok(0);
+    }
     if let Some(dest) = &a.export_f16 {
         export_f16(&a.out, dest, &Device::Cpu)?;
         return Ok(0);
@@ -457,13 +467,8 @@ pub fn run(a: &TrainDiffusionArgs) -> Result<i32> {
             noise,
             keep,
         };
-        let loss = model.loss(&schedule, &batch, a.cpd, a.min_snr_gamma)?;
-        let grads = loss.backward()?;
-        let gn = opt.grad_norm(&grads)?;
-        let scale = if gn > 1.0 { 1.0 / gn } else { 1.0 };
-        opt.step_scaled(&grads, scale)?;
-        ema.update(&vars, opt.step)?;
-        running += loss.to_scalar::<f32>()? as f64;
+        let (loss, gn) = train_step(&model, &mut opt, &mut ema, &schedule, &batch, a)?;
+        running += loss;
         running_n += 1;
         let step = opt.step;
         if step % 50 == 0 {
@@ -498,6 +503,118 @@ pub fn run(a: &TrainDiffusionArgs) -> Result<i32> {
         start.elapsed().as_secs_f64() / 60.0
     );
     Ok(if interrupted { 130 } else { 0 })
+}
+
+/// One optimiser step on `batch`: loss, backward, clipping to global gradient norm 1, AdamW
+/// and the EMA. Returns the loss and the gradient norm before clipping.
+///
+/// The step runs on a rayon worker thread, so that the fused ops' parallel loops start
+/// without waking the pool from outside for every op (with one thread: no hand-offs at all).
+fn train_step(
+    model: &TrainableUNet,
+    opt: &mut AdamW,
+    ema: &mut Ema,
+    schedule: &Schedule,
+    batch: &DiffusionBatch,
+    a: &TrainDiffusionArgs,
+) -> Result<(f64, f64)> {
+    let kernels = current_kernels();
+    rayon::scope(|_| {
+        with_kernels(kernels, || {
+            let loss = model.loss(schedule, batch, a.cpd, a.min_snr_gamma)?;
+            let grads = loss.backward()?;
+            let gn = opt.grad_norm(&grads)?;
+            let scale = if gn > 1.0 { 1.0 / gn } else { 1.0 };
+            opt.step_scaled(&grads, scale)?;
+            ema.update(opt.vars(), opt.step)?;
+            Ok((f64::from(loss.to_scalar::<f32>()?), gn))
+        })
+    })
+}
+
+/// Median milliseconds per training step of `--bench-steps` steps (after one warm-up) of
+/// the configured U-Net on random latents and contexts, for each [`TrainKernels`] choice,
+/// from the same initial weights and batches.
+pub fn bench_steps(a: &TrainDiffusionArgs, steps: usize) -> Result<Vec<(TrainKernels, f64)>> {
+    anyhow::ensure!(steps > 0, "--bench-steps must be at least 1");
+    anyhow::ensure!(a.batch_size > 0, "batch size must be positive");
+    let device = crate::pipeline::parse_device(&a.device)?;
+    let vq_cfg = VqConfig::from_json_file(&a.vq_config)?;
+    let fr_cfg = IResNetConfig::from_json_file(&a.fr_config)?;
+    let h = a.size as usize / vq_cfg.downsample_factor();
+    let d = fr_cfg.num_features;
+    let cfg = a.unet_config(d, h);
+    let model = TrainableUNet::new(&cfg, &device)?;
+    let vars = optim::named_vars(&model.varmap);
+    let initial: HashMap<String, Tensor> = vars
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?)))
+        .collect::<Result<_>>()?;
+    let schedule = Schedule::reference();
+    let mut rng = ChaCha20Rng::seed_from_u64(a.seed);
+    let b = a.batch_size;
+    let batches = (0..=steps)
+        .map(|_| {
+            let x0 = Tensor::randn(0f32, 1.0, (b, 3, h, h), &device)?;
+            Ok(DiffusionBatch {
+                noise: x0.randn_like(0.0, 1.0)?,
+                ctx: normalise(&Tensor::randn(0f32, 1.0, (b, d), &device)?)?,
+                t: (0..b)
+                    .map(|_| rng.random_range(0..schedule.len()))
+                    .collect(),
+                keep: (0..b)
+                    .map(|_| f32::from(u8::from(rng.random::<f64>() >= a.uncond)))
+                    .collect(),
+                x0,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let nparams: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    println!(
+        "U-Net {nparams} parameters, batch {b}, {h}x{h} latents, {steps} timed steps after one warm-up, {} rayon threads",
+        rayon::current_num_threads()
+    );
+    let mut results = Vec::new();
+    for kernels in [TrainKernels::Composed, TrainKernels::Fused] {
+        optim::load_vars(&vars, &initial)?;
+        let mut opt = AdamW::new(
+            vars.clone(),
+            AdamWConfig {
+                lr: a.lr,
+                weight_decay: 0.0,
+                ..Default::default()
+            },
+        )?;
+        let mut ema = Ema::new(&vars, a.ema)?;
+        let (mut times, mut losses) = (Vec::new(), Vec::new());
+        with_kernels(kernels, || -> Result<()> {
+            for (i, batch) in batches.iter().enumerate() {
+                let t0 = Instant::now();
+                let (loss, _) = train_step(&model, &mut opt, &mut ema, &schedule, batch, a)?;
+                if i > 0 {
+                    times.push(t0.elapsed().as_secs_f64() * 1000.0);
+                    losses.push(loss);
+                }
+            }
+            Ok(())
+        })?;
+        times.sort_by(f64::total_cmp);
+        let ms = times[times.len() / 2];
+        let speedup = results
+            .first()
+            .map_or(String::new(), |&(_, base): &(TrainKernels, f64)| {
+                format!("  ({:.2}x the composed baseline)", base / ms)
+            });
+        println!(
+            "{:<9} {ms:>9.1} ms/step (median; min {:.1}, max {:.1}), mean loss {:.4}{speedup}",
+            format!("{kernels:?}").to_lowercase(),
+            times[0],
+            times[times.len() - 1],
+            losses.iter().sum::<f64>() / losses.len() as f64
+        );
+        results.push((kernels, ms));
+    }
+    Ok(results)
 }
 
 fn save(
@@ -597,6 +714,55 @@ mod tests {
     }
 
     /// The loss of a batch without CPD, as f64.
+    /// The fused training layers (GEMM convolution, fused GroupNorm) and the composed
+    /// baseline give the same loss and the same gradient for every U-Net parameter.
+    #[test]
+    fn fused_and_composed_kernels_give_the_same_gradients() {
+        let dev = Device::Cpu;
+        let m = TrainableUNet::new(&tiny(), &dev).unwrap();
+        let vars = optim::named_vars(&m.varmap);
+        let schedule = Schedule::reference();
+        let x0 = Tensor::randn(0f32, 1.0, (3, 3, 8, 8), &dev).unwrap();
+        let batch = DiffusionBatch {
+            noise: x0.randn_like(0.0, 1.0).unwrap(),
+            ctx: normalise(&Tensor::randn(0f32, 1.0, (3, 8), &dev).unwrap()).unwrap(),
+            t: vec![10, 400, 990],
+            keep: vec![1.0, 0.0, 1.0],
+            x0,
+        };
+        let run = |kernels| {
+            with_kernels(kernels, || {
+                let loss = m.loss(&schedule, &batch, 0.0, 0.0).unwrap();
+                let grads = loss.backward().unwrap();
+                let g: Vec<Tensor> = vars
+                    .iter()
+                    .map(|(_, v)| grads.get(v.as_tensor()).unwrap().clone())
+                    .collect();
+                (loss.to_scalar::<f32>().unwrap(), g)
+            })
+        };
+        let (fused_loss, fused) = run(TrainKernels::Fused);
+        let (composed_loss, composed) = run(TrainKernels::Composed);
+        assert!(
+            (fused_loss - composed_loss).abs() < 1e-5 * composed_loss.abs().max(1.0),
+            "{fused_loss} vs {composed_loss}"
+        );
+        for ((name, _), (a, b)) in vars.iter().zip(fused.iter().zip(&composed)) {
+            let scale = b
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let diff = max_abs_diff(a, b);
+            assert!(
+                diff <= 1e-3 * scale.max(1e-3),
+                "{name}: {diff} (scale {scale})"
+            );
+        }
+    }
+
     fn batch_loss(m: &TrainableUNet, s: &Schedule, b: &DiffusionBatch, gamma: f64) -> f64 {
         f64::from(
             m.loss(s, b, 0.0, gamma)
@@ -793,6 +959,7 @@ mod tests {
             minutes: None,
             lr: 1e-3,
             ema: 0.9,
+            bench_steps: None,
             min_snr_gamma: 5.0,
             prediction: Prediction::V,
             init_from: None,

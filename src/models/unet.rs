@@ -6,9 +6,9 @@
 
 use candle_core::{DType, Module, Result, Tensor};
 // `Conv2d` with a fast CPU training path; identical to candle's at inference.
-use crate::default_model::train_conv::{conv2d, Conv2d};
-use candle_nn::{conv1d, conv_transpose2d, group_norm, linear, Conv1d, Conv2dConfig};
-use candle_nn::{ConvTranspose2d, ConvTranspose2dConfig, GroupNorm, Linear, VarBuilder};
+use crate::default_model::train_layers::{conv2d, gelu_erf, group_norm, silu, Conv2d, GroupNorm};
+use candle_nn::{conv1d, conv_transpose2d, linear, Conv1d, Conv2dConfig};
+use candle_nn::{ConvTranspose2d, ConvTranspose2dConfig, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 /// Architecture hyper-parameters, with the reference's key names.
@@ -232,7 +232,7 @@ impl TimeEmbedding {
         let t = t.to_dtype(DType::F32)?.unsqueeze(1)?;
         let args = t.broadcast_mul(&freqs)?;
         let emb = Tensor::cat(&[args.cos()?, args.sin()?], 1)?.to_dtype(dtype)?;
-        linear_rows(&self.lin2, &linear_rows(&self.lin1, &emb)?.silu()?)
+        linear_rows(&self.lin2, &silu(&linear_rows(&self.lin1, &emb)?)?)
     }
 }
 
@@ -269,8 +269,8 @@ impl ResidualBlock {
     }
 
     fn forward(&self, x: &Tensor, t_emb: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
-        let e = linear_rows(&self.time_emb, &t_emb.silu()?)?;
+        let h = self.conv1.forward(&silu(&self.norm1.forward(x)?)?)?;
+        let e = linear_rows(&self.time_emb, &silu(t_emb)?)?;
         let scale = linear_rows(&self.scale_emb, &e)?
             .unsqueeze(2)?
             .unsqueeze(3)?;
@@ -279,7 +279,7 @@ impl ResidualBlock {
             .unsqueeze(3)?;
         let h = self.norm2.forward(&h)?;
         let h = h.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(&shift)?;
-        let h = self.conv2.forward(&h.silu()?)?;
+        let h = self.conv2.forward(&silu(&h)?)?;
         match &self.shortcut {
             Some(s) => h + s.forward(x)?,
             None => h + x,
@@ -387,7 +387,7 @@ impl AttentionBlock {
         let n = self.x_norm.forward(&x)?;
         let x = (self.cross_attention.forward(&n, &ctx)? + x)?;
         let n = self.x_norm.forward(&x)?.transpose(1, 2)?.contiguous()?; // (B, HW, C)
-        let f = self.ff2.forward(&self.ff0.forward(&n)?.gelu_erf()?)?;
+        let f = self.ff2.forward(&gelu_erf(&self.ff0.forward(&n)?)?)?;
         let x = (f.transpose(1, 2)? + x)?;
         let x = self.x_proj_out.forward(&x.reshape((b, ch, h, w))?)?;
         x + x_in
@@ -671,7 +671,7 @@ impl ConditionalUNet {
             }
             x = stage.forward(&x, &t_emb, &c)?;
         }
-        let x = self.norm.forward(&x)?.silu()?;
+        let x = silu(&self.norm.forward(&x)?)?;
         self.final_conv.forward(&x)
     }
 }

@@ -9,8 +9,8 @@
 use crate::checkpoint::{build_checked, load_state_dict, StateDict};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 // `Conv2d` with a fast CPU training path; identical to candle's at inference.
-use crate::default_model::train_conv::{conv2d, Conv2d};
-use candle_nn::{group_norm, Conv2dConfig, GroupNorm, VarBuilder};
+use crate::default_model::train_layers::{conv2d, group_norm, silu, Conv2d, GroupNorm};
+use candle_nn::{Conv2dConfig, VarBuilder};
 use serde::Deserialize;
 use std::path::Path;
 
@@ -136,7 +136,7 @@ impl VqConfig {
 }
 
 fn swish(x: &Tensor) -> Result<Tensor> {
-    candle_nn::ops::silu(x)
+    silu(x)
 }
 
 fn norm(channels: usize, vb: VarBuilder) -> Result<GroupNorm> {

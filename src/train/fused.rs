@@ -1,6 +1,7 @@
-//! Training-mode BatchNorm and PReLU as fused CPU ops with hand-written backward passes.
+//! Training-mode BatchNorm, PReLU and GroupNorm as fused CPU ops with hand-written backward
+//! passes.
 //!
-//! candle builds both from broadcast ops whose backward reduces over the broadcast
+//! candle builds them from broadcast ops whose backward reduces over the broadcast
 //! dimensions with slow strided reductions: for an IResNet on CPU that costs as much as the
 //! convolutions. Here each is one forward op and one backward op over `[B, C, S]` data
 //! (`S` = H·W, or 1 for `[B, C]` input), parallel over samples and channels:
@@ -11,13 +12,17 @@
 //!   variance `σ²·N/(N−1)`).
 //! - PReLU: `y = x` for `x > 0`, `a_c·x` otherwise; `dx = dy` or `a_c·dy`,
 //!   `da_c = Σ_{x ≤ 0} dy·x`.
+//! - GroupNorm (statistics per sample and group of channels, as `nn.GroupNorm`): the same
+//!   formulas with the group's `C/G · S` values in place of the channel's `N · S`.
 //!
 //! Inference, and devices other than the CPU, use candle_nn's modules on the same
 //! variables (names `weight`, `bias`, `running_mean`, `running_var`), so checkpoints are
 //! unchanged.
 
+use candle_core::cpu::erf::erf_f32;
 use candle_core::{
-    CpuStorage, CustomOp3, DType, Error, Layout, Module, ModuleT, Result, Shape, Tensor, Var,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Error, Layout, Module, ModuleT, Result,
+    Shape, Tensor, Var,
 };
 use candle_nn::{BatchNorm, BatchNormConfig, PReLU, VarBuilder};
 use rayon::prelude::*;
@@ -455,6 +460,401 @@ impl TrainPrelu {
     }
 }
 
+/// `(B, C, S)` of a rank ≥ 3 input `[B, C, …]`.
+fn bcs_any(dims: &[usize]) -> Result<(usize, usize, usize)> {
+    match dims {
+        [b, c, rest @ ..] if !rest.is_empty() => Ok((*b, *c, rest.iter().product())),
+        _ => Err(Error::Msg(format!(
+            "group norm: input must be [B, C, …] of rank ≥ 3, got {dims:?}"
+        ))),
+    }
+}
+
+/// Mean and `1/√(σ² + ε)` (biased variance) of one group's values, in f64.
+fn group_stats(x: &[f32], eps: f64) -> (f64, f64) {
+    let n = x.len().max(1) as f64;
+    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = x
+        .iter()
+        .map(|&v| {
+            let d = v as f64 - mean;
+            d * d
+        })
+        .sum::<f64>()
+        / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// Checks a GroupNorm's geometry; returns `(B, C, S, channels per group)`.
+fn gn_geometry(
+    dims: &[usize],
+    groups: usize,
+    params: usize,
+) -> Result<(usize, usize, usize, usize)> {
+    let (b, c, s) = bcs_any(dims)?;
+    if groups == 0 || c % groups != 0 || params != c {
+        return Err(Error::Msg(format!(
+            "group norm: {c} channels, {groups} groups, {params} weights"
+        )));
+    }
+    Ok((b, c, s, c / groups))
+}
+
+/// Forward op `(x, γ, β) → y` of GroupNorm (statistics per sample and group of
+/// `C / groups` consecutive channels): `y = γ_c (x − μ_g)/√(σ²_g + ε) + β_c`.
+struct GnOp {
+    groups: usize,
+    eps: f64,
+}
+
+impl CustomOp3 for GnOp {
+    fn name(&self) -> &'static str {
+        "fused-group-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, g, bta) = (
+            slice(s1, l1, "input")?,
+            slice(s2, l2, "weight")?,
+            slice(s3, l3, "bias")?,
+        );
+        let (_, _, s, cpg) = gn_geometry(l1.dims(), self.groups, g.len())?;
+        if bta.len() != g.len() {
+            return Err(Error::Msg(
+                "group norm: weight and bias differ in length".into(),
+            ));
+        }
+        let run = (cpg * s).max(1);
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(run)
+            .zip(x.par_chunks(run))
+            .enumerate()
+            .for_each(|(i, (y_g, x_g))| {
+                let (mean, invstd) = group_stats(x_g, self.eps);
+                let first = (i % self.groups) * cpg;
+                for k in 0..cpg {
+                    let a = g[first + k] as f64 * invstd;
+                    let (a, b) = (a as f32, (bta[first + k] as f64 - mean * a) as f32);
+                    for (yv, &xv) in y_g[k * s..(k + 1) * s]
+                        .iter_mut()
+                        .zip(&x_g[k * s..(k + 1) * s])
+                    {
+                        *yv = a * xv + b;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let n = x.elem_count();
+        let c = weight.elem_count();
+        let flat = x.apply_op3_no_bwd(
+            &weight.contiguous()?,
+            &grad.contiguous()?,
+            &GnBwdOp {
+                groups: self.groups,
+                eps: self.eps,
+            },
+        )?;
+        let dx = flat.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dg = flat.narrow(0, n, c)?;
+        let db = flat.narrow(0, n + c, c)?;
+        Ok((Some(dx), Some(dg), Some(db)))
+    }
+}
+
+/// Backward op `(x, γ, dy) → [dx (flat), dγ, dβ]` of GroupNorm: with `x̂` the normalised
+/// input and `d = γ_c dy`, `dx = (d − mean_g(d) − x̂ · mean_g(d · x̂)) / √(σ²_g + ε)`,
+/// `dγ_c = Σ dy · x̂`, `dβ_c = Σ dy`.
+struct GnBwdOp {
+    groups: usize,
+    eps: f64,
+}
+
+impl CustomOp3 for GnBwdOp {
+    fn name(&self) -> &'static str {
+        "fused-group-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, g, dy) = (
+            slice(s1, l1, "input")?,
+            slice(s2, l2, "weight")?,
+            slice(s3, l3, "gradient")?,
+        );
+        let (_, c, s, cpg) = gn_geometry(l1.dims(), self.groups, g.len())?;
+        if dy.len() != x.len() {
+            return Err(Error::Msg("group norm backward: shape mismatch".into()));
+        }
+        let run = (cpg * s).max(1);
+        let mut out = vec![0f32; x.len() + 2 * c];
+        let (dx, rest) = out.split_at_mut(x.len());
+        // Per group: its channels' partial dγ and dβ, summed over the batch below.
+        let partials: Vec<(usize, Vec<f64>, Vec<f64>)> = dx
+            .par_chunks_mut(run)
+            .zip(x.par_chunks(run))
+            .zip(dy.par_chunks(run))
+            .enumerate()
+            .map(|(i, ((dx_g, x_g), dy_g))| {
+                let (mean, invstd) = group_stats(x_g, self.eps);
+                let first = (i % self.groups) * cpg;
+                let (mut dg, mut db) = (vec![0f64; cpg], vec![0f64; cpg]);
+                let (mut sum_d, mut sum_dx) = (0f64, 0f64);
+                for k in 0..cpg {
+                    let gamma = g[first + k] as f64;
+                    for (&xv, &gv) in x_g[k * s..(k + 1) * s]
+                        .iter()
+                        .zip(&dy_g[k * s..(k + 1) * s])
+                    {
+                        let (xhat, gv) = ((xv as f64 - mean) * invstd, gv as f64);
+                        dg[k] += gv * xhat;
+                        db[k] += gv;
+                        sum_d += gamma * gv;
+                        sum_dx += gamma * gv * xhat;
+                    }
+                }
+                let count = x_g.len().max(1) as f64;
+                let (mean_d, mean_dx) = (sum_d / count, sum_dx / count);
+                for k in 0..cpg {
+                    let gamma = g[first + k] as f64;
+                    let r = k * s..(k + 1) * s;
+                    for ((d, &xv), &gv) in dx_g[r.clone()]
+                        .iter_mut()
+                        .zip(&x_g[r.clone()])
+                        .zip(&dy_g[r])
+                    {
+                        let xhat = (xv as f64 - mean) * invstd;
+                        *d = ((gamma * gv as f64 - mean_d - xhat * mean_dx) * invstd) as f32;
+                    }
+                }
+                (first, dg, db)
+            })
+            .collect();
+        let (dgamma, dbeta) = rest.split_at_mut(c);
+        let (mut sg, mut sb) = (vec![0f64; c], vec![0f64; c]);
+        for (first, dg, db) in partials {
+            for k in 0..cpg {
+                sg[first + k] += dg[k];
+                sb[first + k] += db[k];
+            }
+        }
+        for ch in 0..c {
+            dgamma[ch] = sg[ch] as f32;
+            dbeta[ch] = sb[ch] as f32;
+        }
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+}
+
+/// Applies GroupNorm to a contiguous-able `[B, C, …]` F32 CPU tensor with the fused op
+/// (differentiable in `x`, `weight` and `bias`).
+pub fn group_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f64,
+) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(weight, bias, GnOp { groups, eps })
+}
+
+/// A pointwise activation with a fused CPU forward and backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `x · σ(x)`.
+    Silu,
+    /// `x · Φ(x)` with the exact (erf) normal CDF.
+    GeluErf,
+}
+
+impl Activation {
+    fn value(self, x: f32) -> f32 {
+        match self {
+            Self::Silu => x / (1.0 + (-x).exp()),
+            Self::GeluErf => (erf_f32(x * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * x,
+        }
+    }
+
+    fn derivative(self, x: f32) -> f32 {
+        match self {
+            Self::Silu => {
+                let s = 1.0 / (1.0 + (-x).exp());
+                s * (1.0 + x * (1.0 - s))
+            }
+            Self::GeluErf => {
+                let cdf = 0.5 * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2));
+                let pdf = (-0.5 * x * x).exp() * 0.398_942_3;
+                cdf + x * pdf
+            }
+        }
+    }
+}
+
+/// Forward op `x → f(x)`.
+struct ActivationOp(Activation);
+
+impl CustomOp1 for ActivationOp {
+    fn name(&self) -> &'static str {
+        "fused-activation"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, "input")?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(4096)
+            .zip(x.par_chunks(4096))
+            .for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(y, &x)| *y = self.0.value(x)));
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &ActivationBwdOp(self.0),
+        )?))
+    }
+}
+
+/// Backward op `(x, dy) → dy · f'(x)`.
+struct ActivationBwdOp(Activation);
+
+impl CustomOp2 for ActivationBwdOp {
+    fn name(&self) -> &'static str {
+        "fused-activation-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, dy) = (slice(s1, l1, "input")?, slice(s2, l2, "gradient")?);
+        if x.len() != dy.len() {
+            return Err(Error::Msg("activation backward: shape mismatch".into()));
+        }
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(4096)
+            .zip(x.par_chunks(4096).zip(dy.par_chunks(4096)))
+            .for_each(|(dx, (x, dy))| {
+                for ((d, &x), &g) in dx.iter_mut().zip(x).zip(dy) {
+                    *d = g * self.0.derivative(x);
+                }
+            });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// Applies `activation` to an F32 CPU tensor with the fused op (differentiable).
+pub fn activation(x: &Tensor, activation: Activation) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(ActivationOp(activation))
+}
+
+/// Forward op `(x [B, C, …], b [C]) → x + b_c`.
+struct ChannelBiasOp;
+
+impl CustomOp2 for ChannelBiasOp {
+    fn name(&self) -> &'static str {
+        "fused-channel-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, c, s) = bcs_any(l1.dims())?;
+        let (x, b) = (slice(s1, l1, "input")?, slice(s2, l2, "bias")?);
+        if b.len() != c {
+            return Err(Error::Msg(format!(
+                "channel bias: {c} channels but {} biases",
+                b.len()
+            )));
+        }
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(s.max(1))
+            .zip(x.par_chunks(s.max(1)))
+            .enumerate()
+            .for_each(|(i, (y, x))| {
+                let bias = b[i % c];
+                y.iter_mut().zip(x).for_each(|(y, &x)| *y = x + bias);
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (b, c, s) = bcs_any(x.dims())?;
+        let db = grad
+            .contiguous()?
+            .reshape((b, c, s))?
+            .apply_op1_no_bwd(&ChannelSumOp)?;
+        Ok((Some(grad.clone()), Some(db)))
+    }
+}
+
+/// `[B, C, S] → [C]`: the sum over samples and positions of each channel.
+struct ChannelSumOp;
+
+impl CustomOp1 for ChannelSumOp {
+    fn name(&self) -> &'static str {
+        "fused-channel-sum"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, c, s) = bcs_any(l.dims())?;
+        let g = slice(st, l, "gradient")?;
+        let sums = channel_sums((b, c, s), |_, r| {
+            g[r].iter().map(|&v| v as f64).sum::<f64>()
+        });
+        Ok((
+            CpuStorage::F32(sums.into_iter().map(|v| v as f32).collect()),
+            Shape::from(c),
+        ))
+    }
+}
+
+/// `x + bias` with `bias` `[C]` broadcast over `x` `[B, C, …]` (F32, CPU), whose backward
+/// sums the bias gradient per channel in one pass.
+pub fn add_channel_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2(&bias.contiguous()?, ChannelBiasOp)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -540,5 +940,93 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The fused GroupNorm against candle_nn's on the same parameters: output and the
+    /// gradients of input, weight and bias, for 4-d and 3-d inputs and several group counts.
+    #[test]
+    fn group_norm_matches_candle_nn_forward_and_backward() {
+        let dev = Device::Cpu;
+        for shape in [vec![2usize, 8, 3, 5], vec![3, 8, 7]] {
+            for groups in [1, 4, 8] {
+                let x = Var::randn(0.5f32, 2.0, shape.as_slice(), &dev).unwrap();
+                let w = Var::randn(1f32, 0.5, 8, &dev).unwrap();
+                let b = Var::randn(0f32, 0.5, 8, &dev).unwrap();
+                let ours =
+                    group_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), groups, 1e-5).unwrap();
+                let reference = candle_nn::GroupNorm::new(
+                    w.as_tensor().clone(),
+                    b.as_tensor().clone(),
+                    8,
+                    groups,
+                    1e-5,
+                )
+                .unwrap();
+                let theirs = reference.forward(x.as_tensor()).unwrap();
+                assert!(max_diff(&ours, &theirs) < 1e-4, "{shape:?} g{groups}");
+                let probe = Tensor::randn(0f32, 1., shape.as_slice(), &dev).unwrap();
+                let backward =
+                    |y: Tensor| (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                let (go, gt) = (backward(ours), backward(theirs));
+                for v in [&x, &w, &b] {
+                    let (a, e) = (
+                        go.get(v.as_tensor()).unwrap(),
+                        gt.get(v.as_tensor()).unwrap(),
+                    );
+                    assert!(
+                        max_diff(a, e) < 1e-3,
+                        "{shape:?} g{groups}: {}",
+                        max_diff(a, e)
+                    );
+                }
+            }
+        }
+        let x = Tensor::zeros((2, 6, 4), DType::F32, &dev).unwrap();
+        let w = Tensor::ones(6, DType::F32, &dev).unwrap();
+        let err = group_norm(&x, &w, &w, 4, 1e-5).unwrap_err().to_string();
+        assert!(err.contains("6 channels, 4 groups"), "{err}");
+    }
+
+    /// Fused SiLU, GELU (erf) and channel bias against candle's ops: values and gradients.
+    #[test]
+    fn activations_and_channel_bias_match_candle() {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 3.0, (2, 5, 3, 4), &dev).unwrap();
+        let probe = Tensor::randn(0f32, 1., (2, 5, 3, 4), &dev).unwrap();
+        let grad_of = |y: &Tensor, v: &Var| {
+            (y * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+                .get(v.as_tensor())
+                .unwrap()
+                .clone()
+        };
+        for (act, theirs) in [
+            (Activation::Silu, x.as_tensor().silu().unwrap()),
+            (Activation::GeluErf, x.as_tensor().gelu_erf().unwrap()),
+        ] {
+            let ours = activation(x.as_tensor(), act).unwrap();
+            assert!(max_diff(&ours, &theirs) < 1e-5, "{act:?}");
+            let diff = max_diff(&grad_of(&ours, &x), &grad_of(&theirs, &x));
+            assert!(diff < 1e-4, "{act:?} gradient: {diff}");
+        }
+        let b = Var::randn(0f32, 1.0, 5, &dev).unwrap();
+        let ours = add_channel_bias(x.as_tensor(), b.as_tensor()).unwrap();
+        let theirs = x
+            .as_tensor()
+            .broadcast_add(&b.as_tensor().reshape((1, 5, 1, 1)).unwrap())
+            .unwrap();
+        assert!(max_diff(&ours, &theirs) < 1e-6);
+        for v in [&x, &b] {
+            assert!(max_diff(&grad_of(&ours, v), &grad_of(&theirs, v)) < 1e-4);
+        }
+        let err = add_channel_bias(x.as_tensor(), &Tensor::zeros(4, DType::F32, &dev).unwrap());
+        assert!(err
+            .unwrap_err()
+            .to_string()
+            .contains("5 channels but 4 biases"));
     }
 }

@@ -1,14 +1,77 @@
-//! A drop-in `Conv2d` whose training path is fast on the CPU.
+//! Drop-in `Conv2d`, `GroupNorm`, SiLU and GELU whose training path is fast on the CPU.
 //!
 //! candle 0.11's CPU backward of `conv2d` runs `conv_transpose2d`, a direct loop that is one
-//! to two orders of magnitude slower than the forward GEMM; training the default models with
-//! it would not finish on a small machine. This layer keeps candle's `conv2d` (identical
-//! numerics) whenever no gradient is being tracked, and otherwise expresses the convolution
-//! as an explicit im2col (`narrow` + `cat`) and one matrix product, whose backward passes are
-//! plain GEMMs.
+//! to two orders of magnitude slower than the forward GEMM, and `GroupNorm` is a chain of
+//! broadcast ops each with its own backward (as are the backward passes of SiLU and GELU, and
+//! of a broadcast bias). Whenever a gradient is being tracked on an F32 CPU tensor these use
+//! the fused ops of [`crate::train::conv`] (im2col + GEMM in both directions) and
+//! [`crate::train::fused`] (GroupNorm, activations and the channel bias: one op forward, one
+//! backward); otherwise
+//! (inference, other devices, other dtypes) candle's own layers run, with identical numerics.
+//! Parameter names (`weight`, `bias`) and initialisation are candle_nn's.
+//!
+//! [`TrainKernels::Composed`] selects the previous training path — convolution as im2col
+//! from differentiable `narrow` + `cat` and one matmul, candle's GroupNorm, SiLU and GELU —
+//! which
+//! `train-diffusion --bench-steps` times as the baseline.
 
-use candle_core::{Module, Result, Tensor};
+use crate::train::fused::{activation, add_channel_bias, group_norm as group_norm_op, Activation};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
+use std::cell::Cell;
+
+/// Which implementation trainable layers use on the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrainKernels {
+    /// The fused ops with hand-written backward passes (the default).
+    Fused,
+    /// Composed from candle primitives (the baseline of the benchmark).
+    Composed,
+}
+
+thread_local! {
+    static KERNELS: Cell<TrainKernels> = const { Cell::new(TrainKernels::Fused) };
+}
+
+/// Runs `f` with trainable layers on this thread using `kernels`.
+pub fn with_kernels<R>(kernels: TrainKernels, f: impl FnOnce() -> R) -> R {
+    let previous = KERNELS.with(|k| k.replace(kernels));
+    let out = f();
+    KERNELS.with(|k| k.set(previous));
+    out
+}
+
+/// The kernels trainable layers on this thread use.
+pub fn current_kernels() -> TrainKernels {
+    KERNELS.with(Cell::get)
+}
+
+/// Whether a layer with parameter `weight` (if any) applied to `x` takes the fused training
+/// path: a gradient is tracked, on an F32 CPU tensor, with [`TrainKernels::Fused`].
+fn fused(x: &Tensor, weight: Option<&Tensor>) -> bool {
+    (x.track_op() || weight.is_some_and(Tensor::track_op))
+        && x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && current_kernels() == TrainKernels::Fused
+}
+
+/// SiLU (`x · σ(x)`), fused on the training path.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    if fused(x, None) {
+        activation(x, Activation::Silu)
+    } else {
+        x.silu()
+    }
+}
+
+/// GELU with the exact normal CDF, fused on the training path.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if fused(x, None) {
+        activation(x, Activation::GeluErf)
+    } else {
+        x.gelu_erf()
+    }
+}
 
 /// A 2-D convolution with candle's parameter names (`weight`, `bias`).
 #[derive(Debug, Clone)]
@@ -49,21 +112,55 @@ impl Conv2d {
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let cfg = self.inner.config();
-        let trainable = x.track_op() || self.inner.weight().track_op();
-        if !trainable || cfg.groups != 1 || cfg.dilation != 1 {
+        let (weight, bias) = (self.inner.weight(), self.inner.bias());
+        let training = x.track_op() || weight.track_op();
+        if !training || !x.device().is_cpu() || cfg.groups != 1 || cfg.dilation != 1 {
             return self.inner.forward(x);
         }
-        im2col_conv(
-            x,
-            self.inner.weight(),
-            self.inner.bias(),
-            cfg.padding,
-            cfg.stride,
-        )
+        if !fused(x, Some(weight)) {
+            return im2col_conv(x, weight, bias, cfg.padding, cfg.stride);
+        }
+        let y = crate::train::conv::conv2d(x, weight, cfg.stride, cfg.padding)?;
+        match bias {
+            Some(b) => add_channel_bias(&y, b),
+            None => Ok(y),
+        }
     }
 }
 
-/// `conv2d` as im2col + GEMM from differentiable primitives.
+/// GroupNorm with candle's parameter names (`weight`, `bias`).
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    inner: candle_nn::GroupNorm,
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+/// Builds a [`GroupNorm`] like `candle_nn::group_norm` (weight 1, bias 0).
+pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
+    let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.0))?;
+    let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.0))?;
+    Ok(GroupNorm {
+        inner: candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?,
+        weight,
+        bias,
+        groups,
+        eps,
+    })
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !fused(x, Some(&self.weight)) || x.rank() < 3 {
+            return self.inner.forward(x);
+        }
+        group_norm_op(x, &self.weight, &self.bias, self.groups, self.eps)
+    }
+}
+
+/// `conv2d` as im2col + GEMM from differentiable primitives (the composed baseline).
 pub fn im2col_conv(
     x: &Tensor,
     w: &Tensor,
