@@ -392,14 +392,7 @@ pub fn run(a: &TrainDiffusionArgs) -> Result<i32> {
     let vars = optim::named_vars(&model.varmap);
     let nparams: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     eprintln!("U-Net: {} tensors, {nparams} parameters", vars.len());
-    let mut opt = AdamW::new(
-        vars.clone(),
-        AdamWConfig {
-            lr: a.lr,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
-    )?;
+    let mut opt = optimiser(&vars, a)?;
     let ckpt = a.out.join("unet_train.safetensors");
     if let Some(init) = a.init_from.as_ref().filter(|_| !ckpt.exists()) {
         let saved = candle_core::safetensors::load(init, &device)
@@ -505,6 +498,18 @@ pub fn run(a: &TrainDiffusionArgs) -> Result<i32> {
     Ok(if interrupted { 130 } else { 0 })
 }
 
+/// AdamW at `--lr` without weight decay over `vars`.
+fn optimiser(vars: &[(String, Var)], a: &TrainDiffusionArgs) -> Result<AdamW> {
+    AdamW::new(
+        vars.to_vec(),
+        AdamWConfig {
+            lr: a.lr,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )
+}
+
 /// One optimiser step on `batch`: loss, backward, clipping to global gradient norm 1, AdamW
 /// and the EMA. Returns the loss and the gradient norm before clipping.
 ///
@@ -577,14 +582,7 @@ pub fn bench_steps(a: &TrainDiffusionArgs, steps: usize) -> Result<Vec<(TrainKer
     let mut results = Vec::new();
     for kernels in [TrainKernels::Composed, TrainKernels::Fused] {
         optim::load_vars(&vars, &initial)?;
-        let mut opt = AdamW::new(
-            vars.clone(),
-            AdamWConfig {
-                lr: a.lr,
-                weight_decay: 0.0,
-                ..Default::default()
-            },
-        )?;
+        let mut opt = optimiser(&vars, a)?;
         let mut ema = Ema::new(&vars, a.ema)?;
         let (mut times, mut losses) = (Vec::new(), Vec::new());
         with_kernels(kernels, || -> Result<()> {

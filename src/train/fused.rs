@@ -52,6 +52,43 @@ fn bcs(dims: &[usize]) -> Result<(usize, usize, usize)> {
     }
 }
 
+/// Gradients of a normalisation's input, weight and bias.
+type AffineGrads = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
+/// Splits a backward op's flat output `[dx…, dγ (c values), dβ (c values)]` into `dx`
+/// (shaped like `x`) and the two parameter gradients.
+fn split_affine_grads(flat: &Tensor, x: &Tensor, c: usize) -> Result<AffineGrads> {
+    let n = x.elem_count();
+    let dx = flat.narrow(0, 0, n)?.reshape(x.shape())?;
+    Ok((
+        Some(dx),
+        Some(flat.narrow(0, n, c)?),
+        Some(flat.narrow(0, n + c, c)?),
+    ))
+}
+
+/// `y = f(c, x)` elementwise over `[B, C, S]` data (`c` the channel of each value),
+/// parallel over samples.
+fn map_channels(
+    x: &[f32],
+    (c, s): (usize, usize),
+    f: impl Fn(usize, f32) -> f32 + Sync,
+) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    let run = (c * s).max(1);
+    y.par_chunks_mut(run)
+        .zip(x.par_chunks(run))
+        .for_each(|(y_n, x_n)| {
+            for ch in 0..c {
+                let r = ch * s..(ch + 1) * s;
+                for (yv, &xv) in y_n[r.clone()].iter_mut().zip(&x_n[r]) {
+                    *yv = f(ch, xv);
+                }
+            }
+        });
+    y
+}
+
 /// Per-channel sums `Σ_n f(c, n·C·S + c·S .. + S)` in f64, parallel over channels; `f`
 /// sums one contiguous run of `S` values of channel `c`.
 fn channel_sums(
@@ -132,20 +169,7 @@ impl CustomOp3 for BnOp {
         let shift: Vec<f32> = (0..c)
             .map(|ch| (bta[ch] as f64 - mean[ch] * g[ch] as f64 * invstd[ch]) as f32)
             .collect();
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut((c * s).max(1))
-            .zip(x.par_chunks((c * s).max(1)))
-            .for_each(|(y_n, x_n)| {
-                for ch in 0..c {
-                    let (a, b) = (scale[ch], shift[ch]);
-                    for (yv, xv) in y_n[ch * s..(ch + 1) * s]
-                        .iter_mut()
-                        .zip(&x_n[ch * s..(ch + 1) * s])
-                    {
-                        *yv = a * xv + b;
-                    }
-                }
-            });
+        let y = map_channels(x, (c, s), |ch, xv| scale[ch] * xv + shift[ch]);
         if let Ok(mut st) = self.stats.lock() {
             *st = mean.into_iter().chain(var).collect();
         }
@@ -159,18 +183,13 @@ impl CustomOp3 for BnOp {
         _bias: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let n = x.elem_count();
-        let c = weight.elem_count();
+    ) -> Result<AffineGrads> {
         let flat = x.apply_op3_no_bwd(
             &weight.contiguous()?,
             &grad.contiguous()?,
             &BnBwdOp { eps: self.eps },
         )?;
-        let dx = flat.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dg = flat.narrow(0, n, c)?;
-        let db = flat.narrow(0, n + c, c)?;
-        Ok((Some(dx), Some(dg), Some(db)))
+        split_affine_grads(&flat, x, weight.elem_count())
     }
 }
 
@@ -340,20 +359,7 @@ impl CustomOp3 for PreluOp {
                 a.len()
             )));
         }
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut((c * s).max(1))
-            .zip(x.par_chunks((c * s).max(1)))
-            .for_each(|(y_n, x_n)| {
-                for ch in 0..c {
-                    let w = a[ch];
-                    for (yv, &xv) in y_n[ch * s..(ch + 1) * s]
-                        .iter_mut()
-                        .zip(&x_n[ch * s..(ch + 1) * s])
-                    {
-                        *yv = if xv > 0.0 { xv } else { w * xv };
-                    }
-                }
-            });
+        let y = map_channels(x, (c, s), |ch, xv| if xv > 0.0 { xv } else { a[ch] * xv });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -561,9 +567,7 @@ impl CustomOp3 for GnOp {
         _bias: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let n = x.elem_count();
-        let c = weight.elem_count();
+    ) -> Result<AffineGrads> {
         let flat = x.apply_op3_no_bwd(
             &weight.contiguous()?,
             &grad.contiguous()?,
@@ -572,10 +576,7 @@ impl CustomOp3 for GnOp {
                 eps: self.eps,
             },
         )?;
-        let dx = flat.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dg = flat.narrow(0, n, c)?;
-        let db = flat.narrow(0, n + c, c)?;
-        Ok((Some(dx), Some(dg), Some(db)))
+        split_affine_grads(&flat, x, weight.elem_count())
     }
 }
 
@@ -800,14 +801,7 @@ impl CustomOp2 for ChannelBiasOp {
                 b.len()
             )));
         }
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(s.max(1))
-            .zip(x.par_chunks(s.max(1)))
-            .enumerate()
-            .for_each(|(i, (y, x))| {
-                let bias = b[i % c];
-                y.iter_mut().zip(x).for_each(|(y, &x)| *y = x + bias);
-            });
+        let y = map_channels(x, (c, s), |ch, xv| xv + b[ch]);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
