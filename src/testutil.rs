@@ -33,6 +33,18 @@ pub fn fixture(name: &str) -> Option<PathBuf> {
     }
 }
 
+/// Largest absolute element of a tensor (as f32), e.g. the scale of a relative bound.
+///
+/// # Panics
+/// When the tensor cannot be read.
+pub fn max_abs(t: &candle_core::Tensor) -> f32 {
+    t.abs()
+        .and_then(|d| d.to_dtype(candle_core::DType::F32))
+        .and_then(|d| d.max_all())
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("max abs")
+}
+
 /// Largest absolute element-wise difference of two tensors of the same shape (as f32).
 ///
 /// # Panics

@@ -6,14 +6,12 @@
 //! of a broadcast bias). Whenever a gradient is being tracked on an F32 CPU tensor these use
 //! the fused ops of [`crate::train::conv`] (im2col + GEMM in both directions) and
 //! [`crate::train::fused`] (GroupNorm, activations and the channel bias: one op forward, one
-//! backward); otherwise
-//! (inference, other devices, other dtypes) candle's own layers run, with identical numerics.
-//! Parameter names (`weight`, `bias`) and initialisation are candle_nn's.
+//! backward); otherwise (inference, other devices, other dtypes) candle's own layers run, with
+//! identical numerics. Parameter names (`weight`, `bias`) and initialisation are candle_nn's.
 //!
 //! [`TrainKernels::Composed`] selects the previous training path — convolution as im2col
 //! from differentiable `narrow` + `cat` and one matmul, candle's GroupNorm, SiLU and GELU —
-//! which
-//! `train-diffusion --bench-steps` times as the baseline.
+//! which `train-diffusion --bench-steps` times as the baseline.
 
 use crate::train::fused::{activation, add_channel_bias, group_norm as group_norm_op, Activation};
 use candle_core::{DType, Module, Result, Tensor};
@@ -223,7 +221,7 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    use crate::testutil::max_abs_diff as max_diff;
+    use crate::testutil::{max_abs, max_abs_diff as max_diff};
 
     #[test]
     fn matches_candle_conv2d_values_and_gradients() {
@@ -253,13 +251,7 @@ mod tests {
             for v in [&x, &w, &bias] {
                 let a = g_ours.get(v.as_tensor()).unwrap();
                 let b = g_theirs.get(v.as_tensor()).unwrap();
-                let scale = b
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let scale = max_abs(b);
                 assert!(
                     max_diff(a, b) <= 1e-4 * scale.max(1.0),
                     "k{k} p{pad} s{stride}"

@@ -325,6 +325,7 @@ pub fn trainable_names(vars: &VarMap) -> Result<Vec<String>> {
 mod tests {
     use super::*;
     use crate::models::iresnet::{IResNet, IResNetConfig};
+    use crate::testutil::max_abs_diff;
     use crate::train::config::{BackboneSpec, TrainConfig};
     use crate::train::loader::Batch;
     use crate::train::trainer::Trainer;
@@ -367,14 +368,7 @@ mod tests {
         let x = batch.tensor(112, &dev).unwrap();
         let a = model.forward(&x).unwrap();
         let b = trainer.net().forward_t(&x, false).unwrap();
-        let diff: f32 = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff = max_abs_diff(&a, &b);
         assert!(diff < 1e-4, "{diff}");
 
         let loaded = load_latest(dir.path()).unwrap().unwrap();
@@ -384,14 +378,7 @@ mod tests {
         other.restore(loaded).unwrap();
         let c = other.net().forward_t(&x, false).unwrap();
         let b = trainer.net().forward_t(&x, false).unwrap();
-        let diff: f32 = (c - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff = max_abs_diff(&c, &b);
         assert_eq!(diff, 0.0);
         // A head for another number of identities is refused with a one-line error.
         let mut wrong = Trainer::new(&cfg, 5, 4, &dev).unwrap();

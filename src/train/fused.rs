@@ -41,13 +41,12 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     }
 }
 
-/// `(B, C, S)` of a `[B, C]` or `[B, C, H, W]` input.
+/// `(B, C, S)` of a `[B, C]` (S = 1) or `[B, C, …]` input (S = the product of the rest).
 fn bcs(dims: &[usize]) -> Result<(usize, usize, usize)> {
     match dims {
-        [b, c] => Ok((*b, *c, 1)),
-        [b, c, h, w] => Ok((*b, *c, h * w)),
+        [b, c, rest @ ..] => Ok((*b, *c, rest.iter().product())),
         _ => Err(Error::Msg(format!(
-            "fused op: input must be [B, C] or [B, C, H, W], got {dims:?}"
+            "fused op: input must be [B, C, …], got {dims:?}"
         ))),
     }
 }
@@ -466,16 +465,6 @@ impl TrainPrelu {
     }
 }
 
-/// `(B, C, S)` of a rank ≥ 3 input `[B, C, …]`.
-fn bcs_any(dims: &[usize]) -> Result<(usize, usize, usize)> {
-    match dims {
-        [b, c, rest @ ..] if !rest.is_empty() => Ok((*b, *c, rest.iter().product())),
-        _ => Err(Error::Msg(format!(
-            "group norm: input must be [B, C, …] of rank ≥ 3, got {dims:?}"
-        ))),
-    }
-}
-
 /// Mean and `1/√(σ² + ε)` (biased variance) of one group's values, in f64.
 fn group_stats(x: &[f32], eps: f64) -> (f64, f64) {
     let n = x.len().max(1) as f64;
@@ -497,7 +486,7 @@ fn gn_geometry(
     groups: usize,
     params: usize,
 ) -> Result<(usize, usize, usize, usize)> {
-    let (b, c, s) = bcs_any(dims)?;
+    let (b, c, s) = bcs(dims)?;
     if groups == 0 || c % groups != 0 || params != c {
         return Err(Error::Msg(format!(
             "group norm: {c} channels, {groups} groups, {params} weights"
@@ -793,7 +782,7 @@ impl CustomOp2 for ChannelBiasOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, c, s) = bcs_any(l1.dims())?;
+        let (_, c, s) = bcs(l1.dims())?;
         let (x, b) = (slice(s1, l1, "input")?, slice(s2, l2, "bias")?);
         if b.len() != c {
             return Err(Error::Msg(format!(
@@ -812,7 +801,7 @@ impl CustomOp2 for ChannelBiasOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (b, c, s) = bcs_any(x.dims())?;
+        let (b, c, s) = bcs(x.dims())?;
         let db = grad
             .contiguous()?
             .reshape((b, c, s))?
@@ -830,7 +819,7 @@ impl CustomOp1 for ChannelSumOp {
     }
 
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (b, c, s) = bcs_any(l.dims())?;
+        let (b, c, s) = bcs(l.dims())?;
         let g = slice(st, l, "gradient")?;
         let sums = channel_sums((b, c, s), |_, r| {
             g[r].iter().map(|&v| v as f64).sum::<f64>()

@@ -243,6 +243,7 @@ impl TrainNet {
 mod tests {
     use super::*;
     use crate::models::iresnet::{IResNet, IResNetConfig};
+    use crate::testutil::max_abs_diff;
     use candle_core::{DType, Device};
     use candle_nn::VarMap;
 
@@ -272,14 +273,7 @@ mod tests {
             IResNet::new(VarBuilder::from_varmap(&vm, DType::F32, &dev), &icfg).unwrap();
         let a = net.forward_t(&x, false).unwrap();
         let b = reference.forward(&x).unwrap();
-        let diff: f32 = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff = max_abs_diff(&a, &b);
         assert!(diff < 1e-3, "max abs diff {diff}");
         let shapes: Vec<(String, Vec<usize>)> = vm
             .data()
