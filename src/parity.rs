@@ -30,6 +30,10 @@ pub struct ParityArgs {
     /// Also write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// CPU kernel instruction set: avx512, avx2 or portable (default: the best this CPU
+    /// has, or `IDIFF_SIMD`).
+    #[arg(long)]
+    pub simd: Option<String>,
 }
 
 /// One parity check.
@@ -157,6 +161,12 @@ pub fn run(args: &ParityArgs) -> Result<i32> {
     };
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(&args.dtype)?;
+    if let Some(name) = &args.simd {
+        let simd =
+            crate::kernels::gemm::Simd::parse(name).map_err(|e| anyhow::anyhow!("--simd: {e}"))?;
+        crate::kernels::gemm::set_simd(simd).map_err(|e| anyhow::anyhow!("--simd: {e}"))?;
+    }
+    println!("CPU kernels: {:?}", crate::kernels::gemm::active_simd());
     let checks = run_checks(&dir, &device, dtype)?;
     for c in &checks {
         println!(

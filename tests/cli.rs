@@ -196,6 +196,59 @@ fn forward_vq_cli_matches_reference() {
     }
 }
 
+/// Every parity check passes on each SIMD path of the CPU kernels this machine has (AVX-512
+/// where present, and AVX2 forced), each in its own process.
+#[test]
+fn parity_holds_on_every_simd_path() {
+    let Some(dir) =
+        fixture("unet_tiny_config.json").and_then(|p| p.parent().map(Path::to_path_buf))
+    else {
+        return;
+    };
+    let paths = [
+        ("avx512", idiff_studio::kernels::gemm::Simd::Avx512),
+        ("avx2", idiff_studio::kernels::gemm::Simd::Avx2),
+    ];
+    let mut ran = 0;
+    for (name, simd) in paths {
+        if !simd.supported() {
+            eprintln!("skipping the {name} path: this CPU lacks it");
+            continue;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let json = tmp.path().join("parity.json");
+        let out = run(&[
+            "parity",
+            "--fixtures",
+            s(&dir),
+            "--simd",
+            name,
+            "--json",
+            s(&json),
+        ]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{name}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains(&format!("CPU kernels: {simd:?}")),
+            "{stdout}"
+        );
+        let checks: Vec<serde_json::Value> =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        assert!(checks.len() >= 5, "{name}: only {} checks", checks.len());
+        for c in &checks {
+            assert_eq!(c["pass"], true, "{name}: {c}");
+        }
+        ran += 1;
+    }
+    assert!(ran > 0, "no SIMD path could be tested");
+    let out = run(&["parity", "--fixtures", s(&dir), "--simd", "avx3"]);
+    assert_one_line_error(&out, "--simd");
+}
+
 #[test]
 fn forward_iresnet_cli_matches_reference() {
     let (Some(w), Some(cfg), Some(io)) = (

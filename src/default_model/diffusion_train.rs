@@ -537,58 +537,104 @@ fn train_step(
     })
 }
 
-/// Median milliseconds per training step of `--bench-steps` steps (after one warm-up) of
-/// the configured U-Net on random latents and contexts, for each [`TrainKernels`] choice,
-/// from the same initial weights and batches.
-pub fn bench_steps(a: &TrainDiffusionArgs, steps: usize) -> Result<Vec<(TrainKernels, f64)>> {
-    anyhow::ensure!(steps > 0, "--bench-steps must be at least 1");
-    anyhow::ensure!(a.batch_size > 0, "batch size must be positive");
-    let device = crate::pipeline::parse_device(&a.device)?;
-    let vq_cfg = VqConfig::from_json_file(&a.vq_config)?;
-    let fr_cfg = IResNetConfig::from_json_file(&a.fr_config)?;
-    let h = a.size as usize / vq_cfg.downsample_factor();
-    let d = fr_cfg.num_features;
-    let cfg = a.unet_config(d, h);
-    let model = TrainableUNet::new(&cfg, &device)?;
-    let vars = optim::named_vars(&model.varmap);
-    let initial: HashMap<String, Tensor> = vars
-        .iter()
-        .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?)))
-        .collect::<Result<_>>()?;
-    let schedule = Schedule::reference();
-    let mut rng = ChaCha20Rng::seed_from_u64(a.seed);
-    let b = a.batch_size;
-    let batches = (0..=steps)
-        .map(|_| {
-            let x0 = Tensor::randn(0f32, 1.0, (b, 3, h, h), &device)?;
-            Ok(DiffusionBatch {
-                noise: x0.randn_like(0.0, 1.0)?,
-                ctx: normalise(&Tensor::randn(0f32, 1.0, (b, d), &device)?)?,
-                t: (0..b)
-                    .map(|_| rng.random_range(0..schedule.len()))
-                    .collect(),
-                keep: (0..b)
-                    .map(|_| f32::from(u8::from(rng.random::<f64>() >= a.uncond)))
-                    .collect(),
-                x0,
+/// Training-step timings of one U-Net architecture: a fresh random initialisation and a fixed
+/// set of random batches (latents, contexts, steps, dropout masks), so that every
+/// [`TrainKernels`] choice timed with [`StepBench::time`] starts from the same weights and
+/// sees the same data. Settings (learning rate, EMA, CPD, empty-context rate, seed) come from
+/// `train-diffusion`'s arguments.
+pub struct StepBench {
+    a: TrainDiffusionArgs,
+    model: TrainableUNet,
+    vars: Vec<(String, Var)>,
+    initial: HashMap<String, Tensor>,
+    batches: Vec<DiffusionBatch>,
+    schedule: Schedule,
+}
+
+/// Milliseconds per training step over the timed steps of [`StepBench::time`].
+#[derive(Debug, Clone, Copy)]
+pub struct StepTimes {
+    /// Median.
+    pub median_ms: f64,
+    /// Fastest step.
+    pub min_ms: f64,
+    /// Slowest step.
+    pub max_ms: f64,
+    /// Mean loss of the timed steps.
+    pub mean_loss: f64,
+}
+
+impl StepBench {
+    /// Builds a U-Net of architecture `cfg` and `steps + 1` random batches of `a.batch_size`
+    /// (the first one is the warm-up) on `a.device`.
+    pub fn new(a: &TrainDiffusionArgs, cfg: &UNetConfig, steps: usize) -> Result<Self> {
+        anyhow::ensure!(steps > 0, "at least one training step must be timed");
+        anyhow::ensure!(a.batch_size > 0, "batch size must be positive");
+        let device = crate::pipeline::parse_device(&a.device)?;
+        let model = TrainableUNet::new(cfg, &device)?;
+        let vars = optim::named_vars(&model.varmap);
+        let initial: HashMap<String, Tensor> = vars
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?)))
+            .collect::<Result<_>>()?;
+        let schedule = Schedule::reference();
+        let mut rng = ChaCha20Rng::seed_from_u64(a.seed);
+        let (b, c, h, d) = (
+            a.batch_size,
+            cfg.input_channels,
+            cfg.latent_size,
+            cfg.context_input_channels,
+        );
+        let batches = (0..=steps)
+            .map(|_| {
+                let x0 = Tensor::randn(0f32, 1.0, (b, c, h, h), &device)?;
+                Ok(DiffusionBatch {
+                    noise: x0.randn_like(0.0, 1.0)?,
+                    ctx: normalise(&Tensor::randn(0f32, 1.0, (b, d), &device)?)?,
+                    t: (0..b)
+                        .map(|_| rng.random_range(0..schedule.len()))
+                        .collect(),
+                    keep: (0..b)
+                        .map(|_| f32::from(u8::from(rng.random::<f64>() >= a.uncond)))
+                        .collect(),
+                    x0,
+                })
             })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            a: a.clone(),
+            model,
+            vars,
+            initial,
+            batches,
+            schedule,
         })
-        .collect::<Result<Vec<_>>>()?;
-    let nparams: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
-    println!(
-        "U-Net {nparams} parameters, batch {b}, {h}x{h} latents, {steps} timed steps after one warm-up, {} rayon threads",
-        rayon::current_num_threads()
-    );
-    let mut results = Vec::new();
-    for kernels in [TrainKernels::Composed, TrainKernels::Fused] {
-        optim::load_vars(&vars, &initial)?;
-        let mut opt = optimiser(&vars, a)?;
-        let mut ema = Ema::new(&vars, a.ema)?;
+    }
+
+    /// Number of U-Net parameters.
+    pub fn parameters(&self) -> usize {
+        self.vars.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// Runs one warm-up step and the timed steps (loss, backward, gradient clipping, AdamW
+    /// and the EMA, as in training) with `kernels`, from the initial weights and a fresh
+    /// optimiser.
+    pub fn time(&self, kernels: TrainKernels) -> Result<StepTimes> {
+        optim::load_vars(&self.vars, &self.initial)?;
+        let mut opt = optimiser(&self.vars, &self.a)?;
+        let mut ema = Ema::new(&self.vars, self.a.ema)?;
         let (mut times, mut losses) = (Vec::new(), Vec::new());
         with_kernels(kernels, || -> Result<()> {
-            for (i, batch) in batches.iter().enumerate() {
+            for (i, batch) in self.batches.iter().enumerate() {
                 let t0 = Instant::now();
-                let (loss, _) = train_step(&model, &mut opt, &mut ema, &schedule, batch, a)?;
+                let (loss, _) = train_step(
+                    &self.model,
+                    &mut opt,
+                    &mut ema,
+                    &self.schedule,
+                    batch,
+                    &self.a,
+                )?;
                 if i > 0 {
                     times.push(t0.elapsed().as_secs_f64() * 1000.0);
                     losses.push(loss);
@@ -597,7 +643,35 @@ pub fn bench_steps(a: &TrainDiffusionArgs, steps: usize) -> Result<Vec<(TrainKer
             Ok(())
         })?;
         times.sort_by(f64::total_cmp);
-        let ms = times[times.len() / 2];
+        Ok(StepTimes {
+            median_ms: times[times.len() / 2],
+            min_ms: times[0],
+            max_ms: times[times.len() - 1],
+            mean_loss: losses.iter().sum::<f64>() / losses.len() as f64,
+        })
+    }
+}
+
+/// Median milliseconds per training step of `--bench-steps` steps (after one warm-up) of
+/// the configured U-Net on random latents and contexts, for each [`TrainKernels`] choice,
+/// from the same initial weights and batches.
+pub fn bench_steps(a: &TrainDiffusionArgs, steps: usize) -> Result<Vec<(TrainKernels, f64)>> {
+    anyhow::ensure!(steps > 0, "--bench-steps must be at least 1");
+    let vq_cfg = VqConfig::from_json_file(&a.vq_config)?;
+    let fr_cfg = IResNetConfig::from_json_file(&a.fr_config)?;
+    let h = a.size as usize / vq_cfg.downsample_factor();
+    let cfg = a.unet_config(fr_cfg.num_features, h);
+    let bench = StepBench::new(a, &cfg, steps)?;
+    println!(
+        "U-Net {} parameters, batch {}, {h}x{h} latents, {steps} timed steps after one warm-up, {} rayon threads",
+        bench.parameters(),
+        a.batch_size,
+        rayon::current_num_threads()
+    );
+    let mut results = Vec::new();
+    for kernels in [TrainKernels::Composed, TrainKernels::Fused] {
+        let t = bench.time(kernels)?;
+        let ms = t.median_ms;
         let speedup = results
             .first()
             .map_or(String::new(), |&(_, base): &(TrainKernels, f64)| {
@@ -606,9 +680,9 @@ pub fn bench_steps(a: &TrainDiffusionArgs, steps: usize) -> Result<Vec<(TrainKer
         println!(
             "{:<9} {ms:>9.1} ms/step (median; min {:.1}, max {:.1}), mean loss {:.4}{speedup}",
             format!("{kernels:?}").to_lowercase(),
-            times[0],
-            times[times.len() - 1],
-            losses.iter().sum::<f64>() / losses.len() as f64
+            t.min_ms,
+            t.max_ms,
+            t.mean_loss
         );
         results.push((kernels, ms));
     }

@@ -13,9 +13,13 @@
 //! from differentiable `narrow` + `cat` and one matmul, candle's GroupNorm, SiLU and GELU —
 //! which `train-diffusion --bench-steps` times as the baseline.
 
+use crate::kernels::conv::{ConvTransposeWeights, ConvWeights};
+use crate::kernels::linear::LinearWeights;
+use crate::kernels::norm::{Epilogue, GroupNormWeights};
+use crate::kernels::PackedCache;
 use crate::train::fused::{activation, add_channel_bias, group_norm as group_norm_op, Activation};
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Conv2dConfig, VarBuilder};
+use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, VarBuilder};
 use std::cell::Cell;
 
 /// Which implementation trainable layers use on the CPU.
@@ -71,10 +75,22 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Whether inference on `x` runs on the packed CPU kernels of [`crate::kernels`]: an F32
+/// CPU tensor with no gradient tracked, and [`TrainKernels::Fused`] selected.
+pub fn packed_inference(x: &Tensor, weight: &Tensor) -> bool {
+    !x.track_op()
+        && !weight.track_op()
+        && x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && weight.dtype() == DType::F32
+        && current_kernels() == TrainKernels::Fused
+}
+
 /// A 2-D convolution with candle's parameter names (`weight`, `bias`).
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     inner: candle_nn::Conv2d,
+    packed: PackedCache<ConvWeights>,
 }
 
 /// Builds a [`Conv2d`] like `candle_nn::conv2d` (same names, shapes and initialisation).
@@ -87,6 +103,21 @@ pub fn conv2d(
 ) -> Result<Conv2d> {
     Ok(Conv2d {
         inner: candle_nn::conv2d(in_channels, out_channels, kernel_size, cfg, vb)?,
+        packed: PackedCache::default(),
+    })
+}
+
+/// Builds a [`Conv2d`] without bias like `candle_nn::conv2d_no_bias`.
+pub fn conv2d_no_bias(
+    in_channels: usize,
+    out_channels: usize,
+    kernel_size: usize,
+    cfg: Conv2dConfig,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    Ok(Conv2d {
+        inner: candle_nn::conv2d_no_bias(in_channels, out_channels, kernel_size, cfg, vb)?,
+        packed: PackedCache::default(),
     })
 }
 
@@ -111,8 +142,18 @@ impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let cfg = self.inner.config();
         let (weight, bias) = (self.inner.weight(), self.inner.bias());
+        if cfg.groups != 1 || cfg.dilation != 1 {
+            return self.inner.forward(x);
+        }
+        if packed_inference(x, weight) {
+            return self.packed.with(
+                weight,
+                || ConvWeights::new(weight, bias, cfg.stride, cfg.padding),
+                |p| p.forward(x),
+            );
+        }
         let training = x.track_op() || weight.track_op();
-        if !training || !x.device().is_cpu() || cfg.groups != 1 || cfg.dilation != 1 {
+        if !training || !x.device().is_cpu() {
             return self.inner.forward(x);
         }
         if !fused(x, Some(weight)) {
@@ -126,6 +167,97 @@ impl Module for Conv2d {
     }
 }
 
+/// A linear layer with candle's parameter names (`weight`, `bias`).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    inner: candle_nn::Linear,
+    packed: PackedCache<LinearWeights>,
+}
+
+/// Builds a [`Linear`] like `candle_nn::linear` (same names, shapes and initialisation).
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    Ok(Linear {
+        inner: candle_nn::linear(in_dim, out_dim, vb)?,
+        packed: PackedCache::default(),
+    })
+}
+
+impl Linear {
+    fn packed<R>(&self, f: impl FnOnce(&LinearWeights) -> Result<R>) -> Result<R> {
+        let (w, b) = (self.inner.weight(), self.inner.bias());
+        self.packed.with(w, || LinearWeights::new(w, b), f)
+    }
+
+    /// Applies the layer to `(B, in)`. Each row's result is independent of the other rows
+    /// (on the CPU: the packed product, or one product per row), so an image's numbers do
+    /// not depend on its batch.
+    pub fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
+        if packed_inference(x, self.inner.weight()) {
+            return self.packed(|p| p.forward_rows(x));
+        }
+        let b = x.dim(0)?;
+        if b == 1 || !x.device().is_cpu() {
+            return self.inner.forward(x);
+        }
+        let rows = (0..b)
+            .map(|i| self.inner.forward(&x.narrow(0, i, 1)?))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&rows, 0)
+    }
+
+    /// Applies the layer at every position of a `(B, in, N)` sequence → `(B, out, N)`.
+    pub fn forward_channels(&self, x: &Tensor) -> Result<Tensor> {
+        if packed_inference(x, self.inner.weight()) {
+            return self.packed(|p| p.forward_channels(x));
+        }
+        self.inner
+            .forward(&x.transpose(1, 2)?.contiguous()?)?
+            .transpose(1, 2)
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.inner.forward(x)
+    }
+}
+
+/// A transposed 2-d convolution with candle's parameter names (`weight`, `bias`).
+#[derive(Debug, Clone)]
+pub struct ConvTranspose2d {
+    inner: candle_nn::ConvTranspose2d,
+    packed: PackedCache<ConvTransposeWeights>,
+}
+
+/// Builds a [`ConvTranspose2d`] like `candle_nn::conv_transpose2d`.
+pub fn conv_transpose2d(
+    in_channels: usize,
+    out_channels: usize,
+    kernel_size: usize,
+    cfg: ConvTranspose2dConfig,
+    vb: VarBuilder,
+) -> Result<ConvTranspose2d> {
+    Ok(ConvTranspose2d {
+        inner: candle_nn::conv_transpose2d(in_channels, out_channels, kernel_size, cfg, vb)?,
+        packed: PackedCache::default(),
+    })
+}
+
+impl Module for ConvTranspose2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let cfg = self.inner.config();
+        let (weight, bias) = (self.inner.weight(), self.inner.bias());
+        if cfg.output_padding != 0 || cfg.dilation != 1 || !packed_inference(x, weight) {
+            return self.inner.forward(x);
+        }
+        self.packed.with(
+            weight,
+            || ConvTransposeWeights::new(weight, bias, cfg.stride, cfg.padding),
+            |p| p.forward(x),
+        )
+    }
+}
+
 /// GroupNorm with candle's parameter names (`weight`, `bias`).
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
@@ -134,6 +266,7 @@ pub struct GroupNorm {
     bias: Tensor,
     groups: usize,
     eps: f64,
+    packed: PackedCache<GroupNormWeights>,
 }
 
 /// Builds a [`GroupNorm`] like `candle_nn::group_norm` (weight 1, bias 0).
@@ -146,15 +279,42 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> R
         bias,
         groups,
         eps,
+        packed: PackedCache::default(),
     })
+}
+
+impl GroupNorm {
+    /// Normalises `x`, then applies `epilogue` (modulation, SiLU): one op on the packed
+    /// inference path, composed ops otherwise.
+    pub fn forward_with(&self, x: &Tensor, epilogue: &Epilogue) -> Result<Tensor> {
+        if packed_inference(x, &self.weight) && x.rank() >= 2 {
+            return self.packed.with(
+                &self.weight,
+                || GroupNormWeights::new(&self.weight, &self.bias, self.groups, self.eps),
+                |p| p.forward(x, epilogue),
+            );
+        }
+        let mut y = if !fused(x, Some(&self.weight)) || x.rank() < 3 {
+            self.inner.forward(x)?
+        } else {
+            group_norm_op(x, &self.weight, &self.bias, self.groups, self.eps)?
+        };
+        if let Some((scale, shift)) = &epilogue.modulation {
+            let mut shape = scale.dims().to_vec();
+            shape.resize(x.rank(), 1);
+            let (scale, shift) = (scale.reshape(shape.as_slice())?, shift.reshape(shape)?);
+            y = y.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(&shift)?;
+        }
+        if epilogue.silu {
+            y = silu(&y)?;
+        }
+        Ok(y)
+    }
 }
 
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if !fused(x, Some(&self.weight)) || x.rank() < 3 {
-            return self.inner.forward(x);
-        }
-        group_norm_op(x, &self.weight, &self.bias, self.groups, self.eps)
+        self.forward_with(x, &Epilogue::default())
     }
 }
 

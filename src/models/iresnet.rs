@@ -8,10 +8,10 @@
 //! training, so the same model serves the FR-training code.
 
 use crate::checkpoint::{build_checked, load_state_dict};
+use crate::default_model::train_layers::{conv2d_no_bias, Conv2d};
 use candle_core::{DType, Device, Module, ModuleT, Result, Tensor, D};
 use candle_nn::{
-    batch_norm, conv2d_no_bias, linear, prelu, BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig,
-    Linear, PReLU, VarBuilder,
+    batch_norm, linear, prelu, BatchNorm, BatchNormConfig, Conv2dConfig, Linear, PReLU, VarBuilder,
 };
 use serde::{Deserialize, Serialize};
 use std::path::Path;

@@ -6,9 +6,15 @@
 
 use candle_core::{DType, Module, Result, Tensor};
 // `Conv2d` with a fast CPU training path; identical to candle's at inference.
+use crate::default_model::train_layers::packed_inference;
 use crate::default_model::train_layers::{conv2d, gelu_erf, group_norm, silu, Conv2d, GroupNorm};
-use candle_nn::{conv1d, conv_transpose2d, linear, Conv1d, Conv2dConfig};
-use candle_nn::{ConvTranspose2d, ConvTranspose2dConfig, Linear, VarBuilder};
+use crate::default_model::train_layers::{conv_transpose2d, ConvTranspose2d};
+use crate::default_model::train_layers::{linear, Linear};
+use crate::kernels::attention::AttentionWeights;
+use crate::kernels::norm::Epilogue;
+use crate::kernels::PackedCache;
+use candle_nn::{conv1d, Conv1d, Conv2dConfig};
+use candle_nn::{ConvTranspose2dConfig, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 /// Architecture hyper-parameters, with the reference's key names.
@@ -189,20 +195,6 @@ fn gn(vb: VarBuilder, channels: usize) -> Result<GroupNorm> {
     group_norm(32, channels, GN_EPS, vb)
 }
 
-/// Applies a linear layer to (B, in). On the CPU each row is its own product, so that a
-/// row's result never depends on the other rows (GEMM blocking varies with the row count);
-/// this keeps the seed contract's "same image in any batch" exact. Elsewhere one product.
-fn linear_rows(layer: &Linear, x: &Tensor) -> Result<Tensor> {
-    let b = x.dim(0)?;
-    if b == 1 || !x.device().is_cpu() {
-        return layer.forward(x);
-    }
-    let rows = (0..b)
-        .map(|i| layer.forward(&x.narrow(0, i, 1)?))
-        .collect::<Result<Vec<_>>>()?;
-    Tensor::cat(&rows, 0)
-}
-
 /// Sinusoidal time embedding followed by `lin1` → SiLU → `lin2`.
 #[derive(Debug, Clone)]
 struct TimeEmbedding {
@@ -232,7 +224,8 @@ impl TimeEmbedding {
         let t = t.to_dtype(DType::F32)?.unsqueeze(1)?;
         let args = t.broadcast_mul(&freqs)?;
         let emb = Tensor::cat(&[args.cos()?, args.sin()?], 1)?.to_dtype(dtype)?;
-        linear_rows(&self.lin2, &silu(&linear_rows(&self.lin1, &emb)?)?)
+        self.lin2
+            .forward_rows(&silu(&self.lin1.forward_rows(&emb)?)?)
     }
 }
 
@@ -269,17 +262,24 @@ impl ResidualBlock {
     }
 
     fn forward(&self, x: &Tensor, t_emb: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&silu(&self.norm1.forward(x)?)?)?;
-        let e = linear_rows(&self.time_emb, &silu(t_emb)?)?;
-        let scale = linear_rows(&self.scale_emb, &e)?
-            .unsqueeze(2)?
-            .unsqueeze(3)?;
-        let shift = linear_rows(&self.shift_emb, &e)?
-            .unsqueeze(2)?
-            .unsqueeze(3)?;
-        let h = self.norm2.forward(&h)?;
-        let h = h.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(&shift)?;
-        let h = self.conv2.forward(&silu(&h)?)?;
+        let then_silu = Epilogue {
+            modulation: None,
+            silu: true,
+        };
+        let h = self
+            .conv1
+            .forward(&self.norm1.forward_with(x, &then_silu)?)?;
+        let e = self.time_emb.forward_rows(&silu(t_emb)?)?;
+        let modulated = Epilogue {
+            modulation: Some((
+                self.scale_emb.forward_rows(&e)?,
+                self.shift_emb.forward_rows(&e)?,
+            )),
+            silu: true,
+        };
+        let h = self
+            .conv2
+            .forward(&self.norm2.forward_with(&h, &modulated)?)?;
         match &self.shortcut {
             Some(s) => h + s.forward(x)?,
             None => h + x,
@@ -295,6 +295,7 @@ struct Attention {
     to_v: Conv1d,
     proj_out: Conv1d,
     heads: usize,
+    packed: PackedCache<AttentionWeights>,
 }
 
 impl Attention {
@@ -306,11 +307,35 @@ impl Attention {
             to_v: conv1d(kv_channels, channels, 1, c, vb.pp("to_v"))?,
             proj_out: conv1d(channels, channels, 1, c, vb.pp("proj_out"))?,
             heads,
+            packed: PackedCache::default(),
         })
+    }
+
+    /// The packed form of the four projections.
+    fn pack(&self) -> Result<AttentionWeights> {
+        fn p(c: &Conv1d) -> Result<(&Tensor, &Tensor)> {
+            let bias = c.bias().ok_or_else(|| {
+                candle_core::Error::Msg("attention projection without bias".into())
+            })?;
+            Ok((c.weight(), bias))
+        }
+        AttentionWeights::new(
+            p(&self.to_q)?,
+            p(&self.to_k)?,
+            p(&self.to_v)?,
+            p(&self.proj_out)?,
+            self.heads,
+        )
     }
 
     /// `x`: (B, C, Nq); `kv`: (B, Ckv, Nk). Returns (B, C, Nq).
     fn forward(&self, x: &Tensor, kv: &Tensor) -> Result<Tensor> {
+        let weight = self.to_q.weight();
+        if packed_inference(x, weight) && !kv.track_op() && kv.dtype() == DType::F32 {
+            return self
+                .packed
+                .with(weight, || self.pack(), |p| p.forward(x, kv));
+        }
         let (b, c, nq) = x.dims3()?;
         let nk = kv.dim(2)?;
         let d = c / self.heads;
@@ -378,7 +403,9 @@ impl AttentionBlock {
         let (b, ch, h, w) = x.dims4()?;
         // Token j, feature n sits at index n*32 + j: a (B, features, tokens) view.
         let ctx =
-            linear_rows(&self.c_proj_in, c)?.reshape((b, self.context_channels, CONTEXT_TOKENS))?;
+            self.c_proj_in
+                .forward_rows(c)?
+                .reshape((b, self.context_channels, CONTEXT_TOKENS))?;
         let ctx = self.c_norm.forward(&ctx)?;
         let x_in = x;
         let x = self.x_proj_in.forward(x)?.reshape((b, ch, h * w))?;
@@ -386,9 +413,12 @@ impl AttentionBlock {
         let x = (self.self_attention.forward(&n, &n)? + x)?;
         let n = self.x_norm.forward(&x)?;
         let x = (self.cross_attention.forward(&n, &ctx)? + x)?;
-        let n = self.x_norm.forward(&x)?.transpose(1, 2)?.contiguous()?; // (B, HW, C)
-        let f = self.ff2.forward(&gelu_erf(&self.ff0.forward(&n)?)?)?;
-        let x = (f.transpose(1, 2)? + x)?;
+        // The feed-forward on every position, in (B, C, HW) layout.
+        let n = self.x_norm.forward(&x)?;
+        let f = self
+            .ff2
+            .forward_channels(&gelu_erf(&self.ff0.forward_channels(&n)?)?)?;
+        let x = (f + x)?;
         let x = self.x_proj_out.forward(&x.reshape((b, ch, h, w))?)?;
         x + x_in
     }
@@ -603,7 +633,7 @@ impl ConditionalUNet {
 
     /// Projects identity contexts (B, context_input_channels) with `context_emb`.
     pub fn project_context(&self, context: &Tensor) -> Result<Tensor> {
-        linear_rows(&self.context_emb, context)
+        self.context_emb.forward_rows(context)
     }
 
     /// The reference's empty context: zeros of `context_channels` in place of the
@@ -671,8 +701,12 @@ impl ConditionalUNet {
             }
             x = stage.forward(&x, &t_emb, &c)?;
         }
-        let x = silu(&self.norm.forward(&x)?)?;
-        self.final_conv.forward(&x)
+        let then_silu = Epilogue {
+            modulation: None,
+            silu: true,
+        };
+        self.final_conv
+            .forward(&self.norm.forward_with(&x, &then_silu)?)
     }
 }
 

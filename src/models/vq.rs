@@ -9,7 +9,10 @@
 use crate::checkpoint::{build_checked, load_state_dict, StateDict};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 // `Conv2d` with a fast CPU training path; identical to candle's at inference.
-use crate::default_model::train_layers::{conv2d, group_norm, silu, Conv2d, GroupNorm};
+use crate::default_model::train_layers::{conv2d, group_norm, packed_inference, Conv2d, GroupNorm};
+use crate::kernels::attention::AttentionWeights;
+use crate::kernels::norm::Epilogue;
+use crate::kernels::PackedCache;
 use candle_nn::{Conv2dConfig, VarBuilder};
 use serde::Deserialize;
 use std::path::Path;
@@ -135,8 +138,13 @@ impl VqConfig {
     }
 }
 
-fn swish(x: &Tensor) -> Result<Tensor> {
-    silu(x)
+/// `swish(norm(x))` in one op where the kernels allow it.
+fn norm_swish(norm: &GroupNorm, x: &Tensor) -> Result<Tensor> {
+    let then_silu = Epilogue {
+        modulation: None,
+        silu: true,
+    };
+    norm.forward_with(x, &then_silu)
 }
 
 fn norm(channels: usize, vb: VarBuilder) -> Result<GroupNorm> {
@@ -196,8 +204,8 @@ impl ResnetBlock {
 
     /// Applies the block to `[B, C, H, W]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&swish(&self.norm1.forward(x)?)?)?;
-        let h = self.conv2.forward(&swish(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv1.forward(&norm_swish(&self.norm1, x)?)?;
+        let h = self.conv2.forward(&norm_swish(&self.norm2, &h)?)?;
         match &self.nin_shortcut {
             Some(s) => s.forward(x)? + h,
             None => x + h,
@@ -213,6 +221,7 @@ pub struct AttnBlock {
     k: Conv2d,
     v: Conv2d,
     proj_out: Conv2d,
+    packed: PackedCache<AttentionWeights>,
 }
 
 impl AttnBlock {
@@ -224,13 +233,32 @@ impl AttnBlock {
             k: conv(channels, channels, 1, 1, 0, vb.pp("k"))?,
             v: conv(channels, channels, 1, 1, 0, vb.pp("v"))?,
             proj_out: conv(channels, channels, 1, 1, 0, vb.pp("proj_out"))?,
+            packed: PackedCache::default(),
         })
+    }
+
+    /// The four 1×1 convolutions as one packed single-head attention.
+    fn pack(&self) -> Result<AttentionWeights> {
+        fn p(c: &Conv2d) -> Result<(&Tensor, &Tensor)> {
+            let bias = c.bias().ok_or_else(|| {
+                candle_core::Error::Msg("attention projection without bias".into())
+            })?;
+            Ok((c.weight(), bias))
+        }
+        AttentionWeights::new(p(&self.q)?, p(&self.k)?, p(&self.v)?, p(&self.proj_out)?, 1)
     }
 
     /// Applies `x + proj_out(attention(norm(x)))` to `[B, C, H, W]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let hn = self.norm.forward(x)?;
+        if packed_inference(&hn, self.q.weight()) {
+            let seq = hn.reshape((b, c, h * w))?;
+            let out =
+                self.packed
+                    .with(self.q.weight(), || self.pack(), |p| p.forward(&seq, &seq))?;
+            return x + out.reshape((b, c, h, w))?;
+        }
         let q = self.q.forward(&hn)?.reshape((b, c, h * w))?;
         let k = self.k.forward(&hn)?.reshape((b, c, h * w))?;
         let v = self.v.forward(&hn)?.reshape((b, c, h * w))?;
@@ -401,7 +429,7 @@ impl Encoder {
             }
         }
         let h = self.mid.forward(&h)?;
-        self.conv_out.forward(&swish(&self.norm_out.forward(&h)?)?)
+        self.conv_out.forward(&norm_swish(&self.norm_out, &h)?)
     }
 }
 
@@ -475,7 +503,7 @@ impl Decoder {
                 h = up.forward(&h)?;
             }
         }
-        self.conv_out.forward(&swish(&self.norm_out.forward(&h)?)?)
+        self.conv_out.forward(&norm_swish(&self.norm_out, &h)?)
     }
 }
 

@@ -3,8 +3,9 @@
 //! candle 0.11's CPU conv2d backward computes the input gradient with a direct
 //! `conv_transpose2d` (a dot product per output pixel) and the weight gradient as a
 //! convolution whose kernel is the whole feature map; for an IResNet that is ~10× the cost
-//! of the forward pass. Here forward and both gradients are per-image im2col + gemm
-//! (parallel over the batch with rayon, single-threaded gemm inside):
+//! of the forward pass. Here the forward pass is the packed convolution of
+//! [`crate::kernels::conv`] and both gradients are per-image im2col + the same packed
+//! matrix product (parallel over the batch with rayon, one thread per image):
 //! - forward: `y_b = W · cols(x_b)`,
 //! - input gradient: `dx_b = col2im(Wᵀ · g_b)`,
 //! - weight gradient: `dW = Σ_b g_b · cols(x_b)ᵀ`.
@@ -12,170 +13,12 @@
 //! On other devices [`conv2d`] falls back to candle's own `conv2d` (which has a backward).
 //! Only square kernels, no dilation, no groups, F32.
 
+use crate::kernels::conv::{ConvWeights, Geom};
 use candle_core::{CpuStorage, CustomOp2, DType, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// Geometry of one convolution.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Geom {
-    b: usize,
-    cin: usize,
-    h: usize,
-    w: usize,
-    cout: usize,
-    k: usize,
-    stride: usize,
-    pad: usize,
-    ho: usize,
-    wo: usize,
-}
-
-impl Geom {
-    fn new(x: &[usize], wt: &[usize], stride: usize, pad: usize) -> Result<Self> {
-        let (&[b, cin, h, w], &[cout, wcin, k, k2]) = (x, wt) else {
-            return Err(Error::Msg(format!(
-                "conv2d: input {x:?} and weight {wt:?} must both be 4-d"
-            )));
-        };
-        if wcin != cin
-            || k != k2
-            || stride == 0
-            || h == 0
-            || w == 0
-            || h + 2 * pad < k
-            || w + 2 * pad < k
-        {
-            return Err(Error::Msg(format!(
-                "conv2d: input {x:?} does not fit weight {wt:?} (stride {stride}, padding {pad})"
-            )));
-        }
-        Ok(Self {
-            b,
-            cin,
-            h,
-            w,
-            cout,
-            k,
-            stride,
-            pad,
-            ho: (h + 2 * pad - k) / stride + 1,
-            wo: (w + 2 * pad - k) / stride + 1,
-        })
-    }
-
-    fn ckk(&self) -> usize {
-        self.cin * self.k * self.k
-    }
-
-    fn in_len(&self) -> usize {
-        self.cin * self.h * self.w
-    }
-
-    fn out_len(&self) -> usize {
-        self.cout * self.ho * self.wo
-    }
-
-    fn pixels(&self) -> usize {
-        self.ho * self.wo
-    }
-
-    /// True when the columns are the input itself (1×1, stride 1, no padding).
-    fn trivial_cols(&self) -> bool {
-        self.k == 1 && self.stride == 1 && self.pad == 0
-    }
-
-    /// Source row of output row `o` at kernel offset `kk`, if inside the input.
-    #[inline]
-    fn src(&self, o: usize, kk: usize, limit: usize) -> Option<usize> {
-        (o * self.stride + kk)
-            .checked_sub(self.pad)
-            .filter(|&i| i < limit)
-    }
-
-    /// Output columns `lo..hi` whose source column `ox·s + kx − p` lies inside the input.
-    #[inline]
-    fn valid_cols(&self, kx: usize) -> (usize, usize) {
-        let s = self.stride;
-        // ox·s + kx ≥ p  ⇔  ox ≥ ceil((p − kx) / s).
-        let lo = self.pad.saturating_sub(kx).div_ceil(s).min(self.wo);
-        // ox·s + kx − p ≤ w − 1  ⇔  ox ≤ (w − 1 + p − kx) / s.
-        let hi = match (self.w - 1 + self.pad).checked_sub(kx) {
-            Some(v) => (v / s + 1).min(self.wo),
-            None => 0,
-        };
-        (lo, hi.max(lo))
-    }
-
-    /// `cols[(c·k + ky)·k + kx][oy·wo + ox] = x[c][oy·s + ky − p][ox·s + kx − p]` (0 outside).
-    fn im2col(&self, x: &[f32], cols: &mut [f32]) {
-        let (k, p, s) = (self.k, self.pixels(), self.stride);
-        for c in 0..self.cin {
-            let plane = &x[c * self.h * self.w..(c + 1) * self.h * self.w];
-            for ky in 0..k {
-                for kx in 0..k {
-                    let row = &mut cols[((c * k + ky) * k + kx) * p..][..p];
-                    let (lo, hi) = self.valid_cols(kx);
-                    for oy in 0..self.ho {
-                        let out = &mut row[oy * self.wo..(oy + 1) * self.wo];
-                        let Some(iy) = self.src(oy, ky, self.h) else {
-                            out.fill(0.0);
-                            continue;
-                        };
-                        out[..lo].fill(0.0);
-                        out[hi..].fill(0.0);
-                        if lo < hi {
-                            let start = iy * self.w + lo * s + kx - self.pad;
-                            if s == 1 {
-                                out[lo..hi].copy_from_slice(&plane[start..start + (hi - lo)]);
-                            } else {
-                                for (v, src) in
-                                    out[lo..hi].iter_mut().zip(plane[start..].iter().step_by(s))
-                                {
-                                    *v = *src;
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Adjoint of [`Geom::im2col`]: accumulates `cols` into `dx` (which must start at zero).
-    fn col2im(&self, cols: &[f32], dx: &mut [f32]) {
-        let (k, p, s) = (self.k, self.pixels(), self.stride);
-        for c in 0..self.cin {
-            let plane = &mut dx[c * self.h * self.w..(c + 1) * self.h * self.w];
-            for ky in 0..k {
-                for kx in 0..k {
-                    let row = &cols[((c * k + ky) * k + kx) * p..][..p];
-                    let (lo, hi) = self.valid_cols(kx);
-                    if lo >= hi {
-                        continue;
-                    }
-                    for oy in 0..self.ho {
-                        let Some(iy) = self.src(oy, ky, self.h) else {
-                            continue;
-                        };
-                        let src = &row[oy * self.wo + lo..oy * self.wo + hi];
-                        let start = iy * self.w + lo * s + kx - self.pad;
-                        if s == 1 {
-                            for (d, v) in plane[start..start + (hi - lo)].iter_mut().zip(src) {
-                                *d += v;
-                            }
-                        } else {
-                            for (d, v) in plane[start..].iter_mut().step_by(s).zip(src) {
-                                *d += v;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// `dst (m×n) = [dst +] a (m×k, strides) · b (k×n, strides)`; all row-major `dst`.
+/// `dst (m×n) = [dst +] a (m×k, strides) · b (k×n, strides)` on one thread (the callers
+/// already run in parallel over the batch).
 #[allow(clippy::too_many_arguments)]
 fn matmul(
     m: usize,
@@ -190,35 +33,7 @@ fn matmul(
     b_rs: usize,
     b_cs: usize,
 ) {
-    debug_assert!(dst.len() >= m * n);
-    debug_assert!(m == 0 || k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
-    debug_assert!(n == 0 || k == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
-    // SAFETY: the slices cover every index gemm reads or writes (checked above in debug
-    // builds and by construction in the callers: the strides describe dense matrices that
-    // fit in the slices).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
+    crate::kernels::gemm::matmul(m, n, k, dst, accumulate, a, a_rs, a_cs, b, b_rs, b_cs, 1)
 }
 
 thread_local! {
@@ -273,33 +88,11 @@ impl CustomOp2 for Conv2dOp {
         let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.pad)?;
         let (x, w) = (f32_slice(s1, l1, "input")?, f32_slice(s2, l2, "weight")?);
         let mut y = vec![0f32; g.b * g.out_len()];
-        y.par_chunks_mut(g.out_len().max(1))
-            .zip(x.par_chunks(g.in_len().max(1)))
-            .for_each(|(y_b, x_b)| {
-                let mut product = |cols: &[f32]| {
-                    matmul(
-                        g.cout,
-                        g.pixels(),
-                        g.ckk(),
-                        y_b,
-                        false,
-                        w,
-                        g.ckk(),
-                        1,
-                        cols,
-                        g.pixels(),
-                        1,
-                    )
-                };
-                if g.trivial_cols() {
-                    product(x_b);
-                } else {
-                    with_scratch(g.ckk() * g.pixels(), |cols| {
-                        g.im2col(x_b, cols);
-                        product(cols);
-                    });
-                }
-            });
+        ConvWeights::from_slice(w, l2.dims(), None, self.stride, self.pad)?.run(
+            x,
+            l1.dims(),
+            &mut y,
+        )?;
         Ok((CpuStorage::F32(y), Shape::from((g.b, g.cout, g.ho, g.wo))))
     }
 

@@ -1,0 +1,52 @@
+//! Fast CPU kernels shared by inference and training: packed matrix products on AVX-512,
+//! AVX2 or portable code ([`gemm`]), convolutions built on them ([`conv`]) and a one-op
+//! GroupNorm with its modulation and activation ([`norm`]).
+//!
+//! They take the place of candle's CPU ops for F32 tensors; on other devices and dtypes the
+//! models keep candle's own ops. `IDIFF_SIMD=avx2` (or [`gemm::set_simd`]) forces the AVX2
+//! path; every path computes the same bits.
+
+pub mod attention;
+pub mod conv;
+pub mod gemm;
+pub mod linear;
+pub mod norm;
+
+use candle_core::{Result, Tensor};
+use std::sync::{Arc, OnceLock};
+
+/// Packed parameters built on first use. Weights that are `Var`s change in place during
+/// training, so they are packed anew for every call instead of being cached.
+#[derive(Debug)]
+pub struct PackedCache<T>(Arc<OnceLock<T>>);
+
+impl<T> Default for PackedCache<T> {
+    fn default() -> Self {
+        Self(Arc::new(OnceLock::new()))
+    }
+}
+
+impl<T> Clone for PackedCache<T> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<T> PackedCache<T> {
+    /// Runs `f` on the packed form of `weight`, building it with `build` when needed.
+    pub fn with<R>(
+        &self,
+        weight: &Tensor,
+        build: impl FnOnce() -> Result<T>,
+        f: impl FnOnce(&T) -> Result<R>,
+    ) -> Result<R> {
+        if weight.is_variable() {
+            return f(&build()?);
+        }
+        if let Some(p) = self.0.get() {
+            return f(p);
+        }
+        let p = build()?;
+        f(self.0.get_or_init(|| p))
+    }
+}
