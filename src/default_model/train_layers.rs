@@ -15,6 +15,7 @@
 
 use crate::kernels::conv::{ConvTransposeWeights, ConvWeights};
 use crate::kernels::linear::LinearWeights;
+use crate::kernels::math::{pointwise, Pointwise};
 use crate::kernels::norm::{Epilogue, GroupNormWeights};
 use crate::kernels::PackedCache;
 use crate::train::fused::{activation, add_channel_bias, group_norm as group_norm_op, Activation};
@@ -57,8 +58,11 @@ fn fused(x: &Tensor, weight: Option<&Tensor>) -> bool {
         && current_kernels() == TrainKernels::Fused
 }
 
-/// SiLU (`x · σ(x)`), fused on the training path.
+/// SiLU (`x · σ(x)`), fused on the training path, vectorised at inference.
 pub fn silu(x: &Tensor) -> Result<Tensor> {
+    if packed_inference(x, x) {
+        return pointwise(x, Pointwise::Silu);
+    }
     if fused(x, None) {
         activation(x, Activation::Silu)
     } else {
@@ -66,8 +70,11 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// GELU with the exact normal CDF, fused on the training path.
+/// GELU with the exact normal CDF, fused on the training path, vectorised at inference.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if packed_inference(x, x) {
+        return pointwise(x, Pointwise::GeluErf);
+    }
     if fused(x, None) {
         activation(x, Activation::GeluErf)
     } else {
@@ -188,15 +195,16 @@ impl Linear {
         self.packed.with(w, || LinearWeights::new(w, b), f)
     }
 
-    /// Applies the layer to `(B, in)`. Each row's result is independent of the other rows
-    /// (on the CPU: the packed product, or one product per row), so an image's numbers do
-    /// not depend on its batch.
+    /// Applies the layer to `(B, in)`. At inference each row's result is independent of the
+    /// other rows (on the CPU: the packed product, or one product per row), so an image's
+    /// numbers do not depend on its batch; training takes one product for the batch.
     pub fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
         if packed_inference(x, self.inner.weight()) {
             return self.packed(|p| p.forward_rows(x));
         }
         let b = x.dim(0)?;
-        if b == 1 || !x.device().is_cpu() {
+        let training = x.track_op() || self.inner.weight().track_op();
+        if b == 1 || !x.device().is_cpu() || training {
             return self.inner.forward(x);
         }
         let rows = (0..b)

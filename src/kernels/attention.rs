@@ -4,6 +4,7 @@
 
 use super::gemm::{gemm, kernel_threads, Matrix, Output, PackedA};
 use super::linear::LinearWeights;
+use super::math::softmax;
 use candle_core::{CpuStorage, CustomOp2, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -109,17 +110,6 @@ impl AttentionWeights {
         }
         self.out.channels(&mixed, batch, nq, threads)
     }
-}
-
-/// Softmax of one row in place (max-subtracted, as candle's).
-fn softmax(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for v in row.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    row.iter_mut().for_each(|v| *v /= sum);
 }
 
 fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {

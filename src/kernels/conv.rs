@@ -178,54 +178,85 @@ pub(crate) struct Im2col<'a> {
     pub(crate) x: &'a [f32],
 }
 
+/// A run of consecutive output pixels of one image row inside a panel.
+#[derive(Clone, Copy, Default)]
+struct Run {
+    /// First column of the run inside the panel.
+    d: usize,
+    /// Length.
+    len: usize,
+    /// Offset of the image in the input.
+    image: usize,
+    oy: usize,
+    ox: usize,
+}
+
 impl PanelSource for Im2col<'_> {
     fn pack(&self, k0: usize, kc: usize, n0: usize, len: usize, nr: usize, out: &mut [f32]) {
         let g = self.g;
         let (k, s, plane_len, pixels) = (g.k, g.stride, g.h * g.w, g.pixels());
+        let mut runs = [Run::default(); 64];
         for (jp, panel) in out[..len.div_ceil(nr) * kc * nr]
             .chunks_exact_mut(kc * nr)
             .enumerate()
         {
             let j0 = n0 + jp * nr;
             let w = nr.min(n0 + len - j0);
+            // The panel's columns as runs along output rows (computed once per panel).
+            let mut count = 0;
+            let (mut d, mut q) = (0, j0);
+            while d < w {
+                let (image, pixel) = (q / pixels, q % pixels);
+                let (oy, ox) = (pixel / g.wo, pixel % g.wo);
+                let run = (g.wo - ox).min(w - d);
+                runs[count] = Run {
+                    d,
+                    len: run,
+                    image: image * g.in_len(),
+                    oy,
+                    ox,
+                };
+                count += 1;
+                d += run;
+                q += run;
+            }
+            let (mut c, mut ky, mut kx) = (k0 / (k * k), (k0 / k) % k, k0 % k);
             for p in 0..kc {
-                let r = k0 + p;
-                let (c, ky, kx) = (r / (k * k), (r / k) % k, r % k);
                 let dst = &mut panel[p * nr..(p + 1) * nr];
                 let (lo, hi) = g.valid_cols(kx);
-                let (mut d, mut q) = (0, j0);
-                while d < w {
-                    let (image, pixel) = (q / pixels, q % pixels);
-                    let plane = &self.x[image * g.in_len() + c * plane_len..][..plane_len];
-                    let (oy, ox) = (pixel / g.wo, pixel % g.wo);
-                    let run = (g.wo - ox).min(w - d);
-                    let seg = &mut dst[d..d + run];
-                    match g.src(oy, ky, g.h) {
-                        None => seg.fill(0.0),
-                        Some(iy) => {
-                            let a = lo.clamp(ox, ox + run);
-                            let b = hi.clamp(a, ox + run);
-                            seg[..a - ox].fill(0.0);
-                            seg[b - ox..].fill(0.0);
-                            if a < b {
-                                let start = iy * g.w + a * s + kx - g.pad;
-                                let seg = &mut seg[a - ox..b - ox];
-                                if s == 1 {
-                                    seg.copy_from_slice(&plane[start..start + (b - a)]);
-                                } else {
-                                    for (v, src) in
-                                        seg.iter_mut().zip(plane[start..].iter().step_by(s))
-                                    {
-                                        *v = *src;
-                                    }
-                                }
+                for r in &runs[..count] {
+                    let seg = &mut dst[r.d..r.d + r.len];
+                    let Some(iy) = g.src(r.oy, ky, g.h) else {
+                        seg.fill(0.0);
+                        continue;
+                    };
+                    let a = lo.clamp(r.ox, r.ox + r.len);
+                    let b = hi.clamp(a, r.ox + r.len);
+                    seg[..a - r.ox].fill(0.0);
+                    seg[b - r.ox..].fill(0.0);
+                    if a < b {
+                        let plane = &self.x[r.image + c * plane_len..][..plane_len];
+                        let start = iy * g.w + a * s + kx - g.pad;
+                        let seg = &mut seg[a - r.ox..b - r.ox];
+                        if s == 1 {
+                            seg.copy_from_slice(&plane[start..start + (b - a)]);
+                        } else {
+                            for (v, src) in seg.iter_mut().zip(plane[start..].iter().step_by(s)) {
+                                *v = *src;
                             }
                         }
                     }
-                    d += run;
-                    q += run;
                 }
                 dst[w..].fill(0.0);
+                kx += 1;
+                if kx == k {
+                    kx = 0;
+                    ky += 1;
+                    if ky == k {
+                        ky = 0;
+                        c += 1;
+                    }
+                }
             }
         }
     }

@@ -23,6 +23,8 @@ pub const MR: usize = 12;
 pub const KC: usize = 256;
 /// Columns of `B` packed at once (a block of `KC × NC` values stays in L2).
 const NC: usize = 512;
+/// Products of fewer multiply–adds than this run on one thread.
+const SMALL_PRODUCT: usize = 1 << 18;
 
 /// The instruction set the kernels run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -336,10 +338,15 @@ struct RawOutput {
 }
 
 impl RawOutput {
+    /// Offset of column `j` in row 0.
+    #[inline]
+    fn column(&self, j: usize) -> usize {
+        (j / self.group) * self.group_stride + (j % self.group) * self.cs
+    }
+
     #[inline]
     fn at(&self, i: usize, j: usize) -> *mut f32 {
-        let off = (j / self.group) * self.group_stride + i * self.rs + (j % self.group) * self.cs;
-        (self.ptr as *mut f32).wrapping_add(off)
+        (self.ptr as *mut f32).wrapping_add(self.column(j) + i * self.rs)
     }
 }
 
@@ -400,7 +407,12 @@ pub fn gemm_with(
     let nr = simd.nr();
     let n_panels = n.div_ceil(nr);
     let m_panels = a.panels();
-    let threads = threads.max(1);
+    // Small products are not worth waking another thread for.
+    let threads = if m * n * a.k < SMALL_PRODUCT {
+        1
+    } else {
+        threads.max(1)
+    };
     // Tasks: column ranges (in panels) × row-panel ranges, disjoint regions of C.
     let (n_parts, m_parts) = if threads == 1 {
         (1, 1)
@@ -582,21 +594,28 @@ unsafe fn scattered_tile(
 ) {
     let nr = simd.nr();
     let mut buf = [0f32; MR * 32];
+    let mut cols = [0usize; 32];
+    for (j, col) in cols.iter_mut().enumerate().take(w) {
+        *col = c.column(j0 + j);
+    }
+    let base = c.ptr as *mut f32;
     if load_c {
         for i in 0..h {
+            let row = base.add((i0 + i) * c.rs);
             for j in 0..w {
-                buf[i * nr + j] = *c.at(i0 + i, j0 + j);
+                buf[i * nr + j] = *row.add(cols[j]);
             }
         }
     }
     kernel(simd, kc, ap, bp, buf.as_mut_ptr(), nr, load_c);
     for i in 0..h {
-        let v = bias.map_or(0.0, |b| b[i]);
+        let row = base.add((i0 + i) * c.rs);
+        let v = bias.map(|b| b[i]);
         for j in 0..w {
-            *c.at(i0 + i, j0 + j) = if bias.is_some() {
-                buf[i * nr + j] + v
-            } else {
-                buf[i * nr + j]
+            let x = buf[i * nr + j];
+            *row.add(cols[j]) = match v {
+                Some(v) => x + v,
+                None => x,
             };
         }
     }

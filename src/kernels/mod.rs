@@ -10,6 +10,7 @@ pub mod attention;
 pub mod conv;
 pub mod gemm;
 pub mod linear;
+pub mod math;
 pub mod norm;
 
 use candle_core::{Result, Tensor};

@@ -2,6 +2,7 @@
 //! modulation `· (1 + scale) + shift` and an optional SiLU, in two passes over each group.
 
 use super::gemm::kernel_threads;
+use super::math::{dispatch, silu};
 use candle_core::{CpuStorage, CustomOp1, DType, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -40,11 +41,6 @@ fn sum(x: &[f32], f: impl Fn(f32) -> f64) -> f64 {
         }
     }
     lanes.iter().sum::<f64>() + tail
-}
-
-#[inline]
-fn silu(v: f32) -> f32 {
-    v / (1.0 + (-v).exp())
 }
 
 impl GroupNormWeights {
@@ -150,9 +146,14 @@ impl CustomOp1 for GroupNormOp<'_> {
                     &x_g[k * spatial..],
                 );
                 if self.silu {
-                    ys.iter_mut()
-                        .zip(xs)
-                        .for_each(|(y, &x)| *y = silu(a * x + b));
+                    dispatch(
+                        #[inline(always)]
+                        || {
+                            ys.iter_mut()
+                                .zip(xs)
+                                .for_each(|(y, &x)| *y = silu(a * x + b))
+                        },
+                    );
                 } else {
                     ys.iter_mut().zip(xs).for_each(|(y, &x)| *y = a * x + b);
                 }

@@ -14,6 +14,7 @@
 //! Only square kernels, no dilation, no groups, F32.
 
 use crate::kernels::conv::{ConvWeights, Geom};
+use crate::kernels::gemm::{gemm, Matrix, Output, PackedA};
 use candle_core::{CpuStorage, CustomOp2, DType, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -161,39 +162,19 @@ impl CustomOp2 for GradInputOp {
         }
         let (gr, w) = (f32_slice(s1, l1, "gradient")?, f32_slice(s2, l2, "weight")?);
         let mut dx = vec![0f32; b * g.in_len()];
+        // Wᵀ (ckk × cout), packed once for the batch.
+        let wt = PackedA::new(w, g.ckk(), g.cout, 1, g.ckk());
+        let n = g.pixels();
         dx.par_chunks_mut(g.in_len().max(1))
             .zip(gr.par_chunks(g.out_len().max(1)))
             .for_each(|(dx_b, g_b)| {
+                let src = Matrix::new(g_b, n, 1);
                 if g.trivial_cols() {
                     // dx_b = Wᵀ · g_b directly.
-                    matmul(
-                        g.cin,
-                        g.pixels(),
-                        g.cout,
-                        dx_b,
-                        false,
-                        w,
-                        1,
-                        g.ckk(),
-                        g_b,
-                        g.pixels(),
-                        1,
-                    );
+                    gemm(&wt, &src, n, Output::new(dx_b, n), false, None, 1);
                 } else {
-                    with_scratch(g.ckk() * g.pixels(), |cols| {
-                        matmul(
-                            g.ckk(),
-                            g.pixels(),
-                            g.cout,
-                            cols,
-                            false,
-                            w,
-                            1,
-                            g.ckk(),
-                            g_b,
-                            g.pixels(),
-                            1,
-                        );
+                    with_scratch(g.ckk() * n, |cols| {
+                        gemm(&wt, &src, n, Output::new(cols, n), false, None, 1);
                         g.col2im(cols, dx_b);
                     });
                 }

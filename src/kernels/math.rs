@@ -1,0 +1,193 @@
+//! Element-wise maths for the kernels, vectorised: `exp`, SiLU, GELU (erf) and a row
+//! softmax, written branch-free so that the compiler vectorises them, and compiled once per
+//! instruction set ([`super::gemm::Simd`]). Every element goes through the same IEEE
+//! operations on every path (no fused multiply–add is formed), so the results are the same
+//! bits everywhere.
+
+use super::gemm::{active_simd, Simd};
+use candle_core::{CpuStorage, CustomOp1, Error, Layout, Result, Shape, Tensor};
+
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+const LN2_HI: f32 = 0.693_145_75;
+const LN2_LO: f32 = 1.428_606_8e-6;
+
+/// `eˣ` to within 2 ulp for `x` in [−87, 88] (clamped outside: 0 and a large finite value).
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * LOG2E).round_ties_even();
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    p * scale
+}
+
+/// `x · σ(x)`.
+#[inline(always)]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + exp(-x))
+}
+
+/// `erf(x)` to within 2e-7 (Abramowitz & Stegun 7.1.26 with `exp` above).
+#[inline(always)]
+pub fn erf(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let y = t
+        * (0.254_829_6
+            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
+    let v = 1.0 - y * exp(-a * a);
+    v.copysign(x)
+}
+
+/// `x · Φ(x)` with the exact normal CDF.
+#[inline(always)]
+pub fn gelu_erf(x: f32) -> f32 {
+    (erf(x * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * x
+}
+
+/// Runs `f` compiled for the active instruction set (the body must be `#[inline(always)]`
+/// code so that it is vectorised inside each wrapper).
+#[inline]
+pub fn dispatch<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        match active_simd() {
+            // SAFETY: the active instruction set is one this CPU supports.
+            Simd::Avx512 => return unsafe { avx512(f) },
+            Simd::Avx2 => return unsafe { avx2(f) },
+            Simd::Portable => {}
+        }
+    }
+    f()
+}
+
+/// Applies `f` to every element of `xs` in place, vectorised.
+#[inline(always)]
+pub fn map_in_place(xs: &mut [f32], f: impl Fn(f32) -> f32 + Copy) {
+    dispatch(
+        #[inline(always)]
+        || xs.iter_mut().for_each(|v| *v = f(*v)),
+    )
+}
+
+/// Softmax of one row in place (max-subtracted).
+pub fn softmax(row: &mut [f32]) {
+    dispatch(
+        #[inline(always)]
+        || {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            row.iter_mut().for_each(|v| *v = exp(*v - max));
+            // Eight partial sums, so the reduction vectorises (the same order on every path).
+            let mut lanes = [0f32; 8];
+            let chunks = row.chunks_exact(8);
+            let tail: f32 = chunks.remainder().iter().sum();
+            for c in chunks {
+                for (l, v) in lanes.iter_mut().zip(c) {
+                    *l += v;
+                }
+            }
+            let sum = lanes.iter().sum::<f32>() + tail;
+            let inv = 1.0 / sum;
+            row.iter_mut().for_each(|v| *v *= inv);
+        },
+    )
+}
+
+/// A vectorised point-wise activation as an op.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pointwise {
+    /// `x · σ(x)`.
+    Silu,
+    /// `x · Φ(x)`.
+    GeluErf,
+}
+
+impl CustomOp1 for Pointwise {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Silu => "silu-inference",
+            Self::GeluErf => "gelu-erf-inference",
+        }
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(v) = s else {
+            return Err(Error::Msg(format!("{}: input must be F32", self.name())));
+        };
+        let Some((lo, hi)) = l.contiguous_offsets() else {
+            return Err(Error::Msg(format!(
+                "{}: input must be contiguous",
+                self.name()
+            )));
+        };
+        let mut y = v[lo..hi].to_vec();
+        match self {
+            Self::Silu => map_in_place(&mut y, silu),
+            Self::GeluErf => map_in_place(&mut y, gelu_erf),
+        }
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+}
+
+/// Applies `op` to an F32 CPU tensor.
+pub fn pointwise(x: &Tensor, op: Pointwise) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&op)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn functions_match_the_standard_library() {
+        let mut worst = [0f64; 4];
+        for i in -40_000..=40_000 {
+            let x = i as f32 / 1000.0;
+            let e = (x as f64).exp();
+            worst[0] = worst[0].max(((exp(x) as f64 - e) / e).abs());
+            let s = x as f64 / (1.0 + (-x as f64).exp());
+            worst[1] = worst[1].max((silu(x) as f64 - s).abs() / (1.0 + s.abs()));
+            let g = candle_core::cpu::erf::erf_f64(x as f64 / std::f64::consts::SQRT_2);
+            worst[2] = worst[2].max((erf(x / std::f32::consts::SQRT_2) as f64 - g).abs());
+            let gl = 0.5 * x as f64 * (1.0 + g);
+            worst[3] = worst[3].max((gelu_erf(x) as f64 - gl).abs() / (1.0 + gl.abs()));
+        }
+        assert!(worst[0] < 3e-7, "exp relative error {}", worst[0]);
+        assert!(worst[1] < 3e-7, "silu error {}", worst[1]);
+        assert!(worst[2] < 3e-7, "erf error {}", worst[2]);
+        assert!(worst[3] < 3e-7, "gelu error {}", worst[3]);
+        assert_eq!(exp(-200.0), exp(-87.0));
+        assert!(exp(200.0).is_finite());
+    }
+
+    #[test]
+    fn softmax_sums_to_one_and_keeps_order() {
+        let mut row: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin() * 20.0).collect();
+        let before = row.clone();
+        softmax(&mut row);
+        let sum: f32 = row.iter().sum();
+        assert!((sum - 1.0).abs() < 1e-6);
+        let want: Vec<f64> = {
+            let m = before.iter().cloned().fold(f32::MIN, f32::max) as f64;
+            let e: Vec<f64> = before.iter().map(|&v| (v as f64 - m).exp()).collect();
+            let s: f64 = e.iter().sum();
+            e.iter().map(|v| v / s).collect()
+        };
+        for (g, w) in row.iter().zip(&want) {
+            assert!((*g as f64 - w).abs() < 1e-6);
+        }
+    }
+}
