@@ -1,17 +1,20 @@
-//! Drop-in `Conv2d`, `GroupNorm`, SiLU and GELU whose training path is fast on the CPU.
+//! Drop-in `Conv2d`, `ConvTranspose2d`, `Linear`, `GroupNorm`, SiLU and GELU that are fast
+//! on the CPU, for training and inference.
 //!
-//! candle 0.11's CPU backward of `conv2d` runs `conv_transpose2d`, a direct loop that is one
-//! to two orders of magnitude slower than the forward GEMM, and `GroupNorm` is a chain of
-//! broadcast ops each with its own backward (as are the backward passes of SiLU and GELU, and
-//! of a broadcast bias). Whenever a gradient is being tracked on an F32 CPU tensor these use
-//! the fused ops of [`crate::train::conv`] (im2col + GEMM in both directions) and
-//! [`crate::train::fused`] (GroupNorm, activations and the channel bias: one op forward, one
-//! backward); otherwise (inference, other devices, other dtypes) candle's own layers run, with
-//! identical numerics. Parameter names (`weight`, `bias`) and initialisation are candle_nn's.
+//! Inference on F32 CPU tensors (no gradient tracked) runs on the packed kernels of
+//! [`crate::kernels`], with each layer's weights packed on first use. Training: candle 0.11's
+//! CPU backward of `conv2d` runs `conv_transpose2d`, a direct loop that is one to two orders
+//! of magnitude slower than the forward GEMM, and `GroupNorm` is a chain of broadcast ops
+//! each with its own backward (as are the backward passes of SiLU and GELU, and of a
+//! broadcast bias). Whenever a gradient is being tracked on an F32 CPU tensor these use the
+//! fused ops of [`crate::train::conv`] (the packed convolution forward, im2col + the packed
+//! product for both gradients) and [`crate::train::fused`] (GroupNorm, activations and the
+//! channel bias: one op forward, one backward). Other devices and dtypes run candle's own
+//! layers. Parameter names (`weight`, `bias`) and initialisation are candle_nn's.
 //!
-//! [`TrainKernels::Composed`] selects the previous training path — convolution as im2col
-//! from differentiable `narrow` + `cat` and one matmul, candle's GroupNorm, SiLU and GELU —
-//! which `train-diffusion --bench-steps` times as the baseline.
+//! [`TrainKernels::Composed`] selects candle's own ops everywhere (for training: convolution
+//! as im2col from differentiable `narrow` + `cat` and one matmul, candle's GroupNorm, SiLU
+//! and GELU), which `train-diffusion --bench-steps` times as the baseline.
 
 use crate::kernels::conv::{ConvTransposeWeights, ConvWeights};
 use crate::kernels::linear::LinearWeights;
