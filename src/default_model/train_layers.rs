@@ -61,6 +61,14 @@ fn fused(x: &Tensor, weight: Option<&Tensor>) -> bool {
         && current_kernels() == TrainKernels::Fused
 }
 
+/// `a + b` (same shapes): the vectorised kernel at inference, candle's add otherwise.
+pub fn residual_add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if packed_inference(a, b) && a.dims() == b.dims() {
+        return crate::kernels::math::add(a, b);
+    }
+    a + b
+}
+
 /// SiLU (`x · σ(x)`), fused on the training path, vectorised at inference.
 pub fn silu(x: &Tensor) -> Result<Tensor> {
     if packed_inference(x, x) {
@@ -145,6 +153,24 @@ impl Conv2d {
     /// Padding, stride and friends.
     pub fn config(&self) -> &Conv2dConfig {
         self.inner.config()
+    }
+}
+
+impl Conv2d {
+    /// The convolution of `x`'s nearest-neighbour ×2 upsampling; on the packed inference
+    /// path the upsampled image is read from `x` and never built.
+    pub fn forward_upsampled2(&self, x: &Tensor) -> Result<Tensor> {
+        let cfg = self.inner.config();
+        let weight = self.inner.weight();
+        if packed_inference(x, weight) && cfg.groups == 1 && cfg.dilation == 1 {
+            return self.packed.with(
+                weight,
+                || ConvWeights::new(weight, self.inner.bias(), cfg.stride, cfg.padding),
+                |p| p.forward_upsampled2(x),
+            );
+        }
+        let (_, _, h, w) = x.dims4()?;
+        self.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)
     }
 }
 

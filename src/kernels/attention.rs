@@ -8,6 +8,9 @@ use super::math::softmax;
 use candle_core::{CpuStorage, CustomOp2, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+/// Multiply–adds of the score and mixing products below which the heads run on one thread.
+const PARALLEL_WORK: usize = 1 << 22;
+
 /// The packed weights of one attention layer (`to_q`, `to_k`, `to_v`, `proj_out`).
 #[derive(Debug, Clone)]
 pub struct AttentionWeights {
@@ -97,7 +100,8 @@ impl AttentionWeights {
             gemm(&vp, &src, nq, Output::new(dst, nq), false, None, threads);
         };
         let len = (d * nq).max(1);
-        if threads > 1 && batch * self.heads > 1 {
+        let work = batch * c * nq * nk;
+        if threads > 1 && batch * self.heads > 1 && work >= PARALLEL_WORK {
             mixed
                 .par_chunks_mut(len)
                 .enumerate()

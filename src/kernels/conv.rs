@@ -173,9 +173,13 @@ impl Geom {
 /// The im2col columns of a batch of images side by side, as a [`PanelSource`]: row
 /// `(c·k + ky)·k + kx`, column `b·pixels + oy·wo + ox` holds
 /// `x[b][c][oy·s + ky − p][ox·s + kx − p]` (0 outside the image).
+///
+/// With `up = 2` the convolution's input is the nearest-neighbour ×2 upsampling of `x`
+/// (`g` describes the upsampled image), read from `x` without being built.
 pub(crate) struct Im2col<'a> {
     pub(crate) g: &'a Geom,
     pub(crate) x: &'a [f32],
+    pub(crate) up: usize,
 }
 
 /// A run of consecutive output pixels of one image row inside a panel.
@@ -194,7 +198,10 @@ struct Run {
 impl PanelSource for Im2col<'_> {
     fn pack(&self, k0: usize, kc: usize, n0: usize, len: usize, nr: usize, out: &mut [f32]) {
         let g = self.g;
-        let (k, s, plane_len, pixels) = (g.k, g.stride, g.h * g.w, g.pixels());
+        let up = self.up;
+        let (src_h, src_w) = (g.h / up, g.w / up);
+        let (k, s, plane_len, pixels) = (g.k, g.stride, src_h * src_w, g.pixels());
+        let image_len = g.cin * plane_len;
         let mut runs = [Run::default(); 64];
         for (jp, panel) in out[..len.div_ceil(nr) * kc * nr]
             .chunks_exact_mut(kc * nr)
@@ -212,7 +219,7 @@ impl PanelSource for Im2col<'_> {
                 runs[count] = Run {
                     d,
                     len: run,
-                    image: image * g.in_len(),
+                    image: image * image_len,
                     oy,
                     ox,
                 };
@@ -236,8 +243,17 @@ impl PanelSource for Im2col<'_> {
                     seg[b - r.ox..].fill(0.0);
                     if a < b {
                         let plane = &self.x[r.image + c * plane_len..][..plane_len];
-                        let start = iy * g.w + a * s + kx - g.pad;
                         let seg = &mut seg[a - r.ox..b - r.ox];
+                        if up > 1 {
+                            // Column ix of the upsampled row is column ix / up of the source.
+                            let row = &plane[(iy / up) * src_w..][..src_w];
+                            let first = a * s + kx - g.pad;
+                            for (t, v) in seg.iter_mut().enumerate() {
+                                *v = row[(first + t * s) / up];
+                            }
+                            continue;
+                        }
+                        let start = iy * g.w + a * s + kx - g.pad;
                         if s == 1 {
                             seg.copy_from_slice(&plane[start..start + (b - a)]);
                         } else {
@@ -337,20 +353,33 @@ impl ConvWeights {
         x.contiguous()?.apply_op1_no_bwd(self)
     }
 
+    /// The convolution of `x`'s nearest-neighbour ×2 upsampling, which is never built.
+    pub fn forward_upsampled2(&self, x: &Tensor) -> Result<Tensor> {
+        x.contiguous()?.apply_op1_no_bwd(&Upsampled2(self))
+    }
+
     /// Convolves contiguous images `x` (shape `dims`) into `y`.
     pub(crate) fn run(&self, x: &[f32], dims: &[usize], y: &mut [f32]) -> Result<Geom> {
-        let g = Geom::new(dims, &self.dims, self.stride, self.pad)?;
-        if y.len() != g.b * g.out_len() || x.len() != g.b * g.in_len() {
+        self.run_upsampled(x, dims, 1, y)
+    }
+
+    /// Convolves the nearest-neighbour ×`up` upsampling of `x` (shape `dims`) into `y`.
+    fn run_upsampled(&self, x: &[f32], dims: &[usize], up: usize, y: &mut [f32]) -> Result<Geom> {
+        let &[b, c, h, w] = dims else {
+            return Err(Error::Msg(format!("conv2d: input {dims:?} must be 4-d")));
+        };
+        let g = Geom::new(&[b, c, h * up, w * up], &self.dims, self.stride, self.pad)?;
+        if y.len() != g.b * g.out_len() || x.len() * up * up != g.b * g.in_len() {
             return Err(Error::Msg("conv2d: buffer sizes do not match".into()));
         }
         let bias = self.bias.as_deref();
         let (n, threads) = (g.pixels(), kernel_threads());
         let out = Output::batch(y, g.cout, n);
-        if g.trivial_cols() {
+        if g.trivial_cols() && up == 1 {
             let src = Matrix::batch(x, g.cin, n);
             gemm(&self.packed, &src, g.b * n, out, false, bias, threads);
         } else {
-            let src = Im2col { g: &g, x };
+            let src = Im2col { g: &g, x, up };
             gemm(&self.packed, &src, g.b * n, out, false, bias, threads);
         }
         Ok(g)
@@ -367,6 +396,34 @@ impl CustomOp1 for ConvWeights {
         let g = Geom::new(l.dims(), &self.dims, self.stride, self.pad)?;
         let mut y = vec![0f32; g.b * g.out_len()];
         self.run(x, l.dims(), &mut y)?;
+        Ok((CpuStorage::F32(y), Shape::from((g.b, g.cout, g.ho, g.wo))))
+    }
+}
+
+/// [`ConvWeights`] applied to the ×2 nearest-neighbour upsampling of its input.
+struct Upsampled2<'a>(&'a ConvWeights);
+
+impl CustomOp1 for Upsampled2<'_> {
+    fn name(&self) -> &'static str {
+        "packed-upsample2-conv2d"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "conv2d input")?;
+        let &[b, c, h, w] = l.dims() else {
+            return Err(Error::Msg(format!(
+                "conv2d: input {:?} must be 4-d",
+                l.dims()
+            )));
+        };
+        let g = Geom::new(
+            &[b, c, 2 * h, 2 * w],
+            &self.0.dims,
+            self.0.stride,
+            self.0.pad,
+        )?;
+        let mut y = vec![0f32; g.b * g.out_len()];
+        self.0.run_upsampled(x, l.dims(), 2, &mut y)?;
         Ok((CpuStorage::F32(y), Shape::from((g.b, g.cout, g.ho, g.wo))))
     }
 }
@@ -542,6 +599,24 @@ mod tests {
                 "an image alone differs from the same image in a batch"
             );
         }
+    }
+
+    #[test]
+    fn upsampled_convolution_matches_upsample_then_convolve() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 5, 6, 7), &dev).unwrap();
+        let wt = Tensor::randn(0f32, 1.0, (4, 5, 3, 3), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, 4, &dev).unwrap();
+        let conv = ConvWeights::new(&wt, Some(&bias), 1, 1).unwrap();
+        let want = conv
+            .forward(&x.upsample_nearest2d(12, 14).unwrap())
+            .unwrap();
+        let got = conv.forward_upsampled2(&x).unwrap();
+        assert_eq!(got.dims(), &[2, 4, 12, 14]);
+        assert_eq!(
+            got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            want.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
     }
 
     #[test]

@@ -24,7 +24,7 @@ pub const KC: usize = 256;
 /// Columns of `B` packed at once (a block of `KC × NC` values stays in L2).
 const NC: usize = 512;
 /// Products of fewer multiply–adds than this run on one thread.
-const SMALL_PRODUCT: usize = 1 << 18;
+const SMALL_PRODUCT: usize = 1 << 23;
 
 /// The instruction set the kernels run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

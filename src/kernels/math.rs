@@ -148,6 +148,116 @@ pub fn pointwise(x: &Tensor, op: Pointwise) -> Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&op)
 }
 
+/// Element-wise sum of two tensors of the same shape.
+struct Add;
+
+impl candle_core::CustomOp2 for Add {
+    fn name(&self) -> &'static str {
+        "add-inference"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(a), CpuStorage::F32(b)) = (s1, s2) else {
+            return Err(Error::Msg("add: inputs must be F32".into()));
+        };
+        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            return Err(Error::Msg("add: inputs must be contiguous".into()));
+        };
+        if l1.dims() != l2.dims() {
+            return Err(Error::Msg(format!(
+                "add: shapes {:?} and {:?} differ",
+                l1.dims(),
+                l2.dims()
+            )));
+        }
+        let mut y = a[a0..a1].to_vec();
+        let b = &b[b0..b1];
+        dispatch(
+            #[inline(always)]
+            || y.iter_mut().zip(b).for_each(|(y, b)| *y += b),
+        );
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+}
+
+/// `a + b` for F32 CPU tensors of one shape, on this thread (memory-bound; no thread pool).
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &Add)
+}
+
+/// A per-channel affine map `y = a_c·x + b_c` on `[B, C, …]`, optionally followed by a
+/// per-channel PReLU (`y` for `y > 0`, `p_c·y` otherwise): an inference BatchNorm (with
+/// `a = γ/√(σ²+ε)`, `b = β − μ·a`) and the PReLU after it in one pass.
+#[derive(Debug, Clone)]
+pub struct ChannelAffine {
+    /// Scale per channel.
+    pub scale: Vec<f32>,
+    /// Shift per channel.
+    pub shift: Vec<f32>,
+    /// PReLU slope per channel.
+    pub prelu: Option<Vec<f32>>,
+}
+
+impl CustomOp1 for ChannelAffine {
+    fn name(&self) -> &'static str {
+        "channel-affine"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(v) = s else {
+            return Err(Error::Msg("channel affine: input must be F32".into()));
+        };
+        let Some((lo, hi)) = l.contiguous_offsets() else {
+            return Err(Error::Msg(
+                "channel affine: input must be contiguous".into(),
+            ));
+        };
+        let dims = l.dims();
+        let c = self.scale.len();
+        let fits = dims.len() >= 2
+            && dims[1] == c
+            && self.shift.len() == c
+            && self.prelu.as_ref().is_none_or(|p| p.len() == c);
+        if !fits {
+            return Err(Error::Msg(format!(
+                "channel affine: input {dims:?} does not have {c} channels"
+            )));
+        }
+        let spatial: usize = dims[2..].iter().product();
+        let mut y = v[lo..hi].to_vec();
+        for (i, plane) in y.chunks_mut(spatial.max(1)).enumerate() {
+            let ch = i % c;
+            let (a, b) = (self.scale[ch], self.shift[ch]);
+            match &self.prelu {
+                Some(p) => {
+                    let p = p[ch];
+                    dispatch(
+                        #[inline(always)]
+                        || {
+                            plane.iter_mut().for_each(|x| {
+                                let t = a * *x + b;
+                                *x = if t > 0.0 { t } else { p * t };
+                            })
+                        },
+                    )
+                }
+                None => dispatch(
+                    #[inline(always)]
+                    || plane.iter_mut().for_each(|x| *x = a * *x + b),
+                ),
+            }
+        }
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

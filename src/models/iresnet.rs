@@ -9,6 +9,7 @@
 
 use crate::checkpoint::{build_checked, load_state_dict};
 use crate::default_model::train_layers::{conv2d_no_bias, Conv2d};
+use crate::kernels::math::ChannelAffine;
 use candle_core::{DType, Device, Module, ModuleT, Result, Tensor, D};
 use candle_nn::{
     batch_norm, linear, prelu, BatchNorm, BatchNormConfig, Conv2dConfig, Linear, PReLU, VarBuilder,
@@ -182,6 +183,47 @@ impl IResNetConfig {
     }
 }
 
+/// Inference BatchNorm (running statistics), then the PReLU if given, as one op on F32 CPU
+/// tensors; candle's modules otherwise (training, other devices and dtypes).
+fn bn_prelu(x: &Tensor, bn: &BatchNorm, prelu: Option<&PReLU>, train: bool) -> Result<Tensor> {
+    let composed = |x: &Tensor| -> Result<Tensor> {
+        let h = bn.forward_t(x, train)?;
+        match prelu {
+            Some(p) => p.forward(&h),
+            None => Ok(h),
+        }
+    };
+    let plain = |t: &Tensor| !t.track_op() && t.dtype() == DType::F32;
+    let affine = bn.weight_and_bias();
+    let (Some((w, b)), false) = (affine, train) else {
+        return composed(x);
+    };
+    let scalar_prelu = prelu.is_some_and(|p| p.is_scalar());
+    if !x.device().is_cpu() || !plain(x) || !plain(w) || scalar_prelu || x.rank() < 2 {
+        return composed(x);
+    }
+    let values = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+    let (mean, var) = (values(bn.running_mean())?, values(bn.running_var())?);
+    let (w, b) = (values(w)?, values(b)?);
+    let scale: Vec<f32> = w
+        .iter()
+        .zip(&var)
+        .map(|(w, v)| w / (v + bn.eps() as f32).sqrt())
+        .collect();
+    let shift = b
+        .iter()
+        .zip(&mean)
+        .zip(&scale)
+        .map(|((b, m), a)| b - m * a)
+        .collect();
+    let op = ChannelAffine {
+        scale,
+        shift,
+        prelu: prelu.map(|p| values(p.weight())).transpose()?,
+    };
+    x.contiguous()?.apply_op1_no_bwd(&op)
+}
+
 fn bn(channels: usize, vb: VarBuilder) -> Result<BatchNorm> {
     batch_norm(channels, BatchNormConfig::from(BN_EPS), vb)
 }
@@ -238,14 +280,13 @@ impl IBasicBlock {
 
     /// Applies the block; `train` selects batch statistics (and updates the running ones).
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let h = self.bn1.forward_t(x, train)?;
+        let h = bn_prelu(x, &self.bn1, None, train)?;
         let h = self.conv1.forward(&h)?;
-        let h = self.bn2.forward_t(&h, train)?;
-        let h = self.prelu.forward(&h)?;
+        let h = bn_prelu(&h, &self.bn2, Some(&self.prelu), train)?;
         let h = self.conv2.forward(&h)?;
-        let h = self.bn3.forward_t(&h, train)?;
+        let h = bn_prelu(&h, &self.bn3, None, train)?;
         let identity = match &self.downsample {
-            Some((conv, norm)) => norm.forward_t(&conv.forward(x)?, train)?,
+            Some((conv, norm)) => bn_prelu(&conv.forward(x)?, norm, None, train)?,
             None => x.clone(),
         };
         h + identity
@@ -325,14 +366,13 @@ impl IResNet {
             candle_core::bail!("IResNet training needs a batch of at least 2 for BatchNorm");
         }
         let mut h = self.conv1.forward(x)?;
-        h = self.bn1.forward_t(&h, train)?;
-        h = self.prelu.forward(&h)?;
+        h = bn_prelu(&h, &self.bn1, Some(&self.prelu), train)?;
         for stage in &self.layers {
             for block in stage {
                 h = block.forward_t(&h, train)?;
             }
         }
-        h = self.bn2.forward_t(&h, train)?.flatten_from(1)?;
+        h = bn_prelu(&h, &self.bn2, None, train)?.flatten_from(1)?;
         if train && self.cfg.dropout > 0.0 {
             h = candle_nn::ops::dropout(&h, self.cfg.dropout as f32)?;
         }

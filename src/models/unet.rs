@@ -6,10 +6,10 @@
 
 use candle_core::{DType, Module, Result, Tensor};
 // `Conv2d` with a fast CPU training path; identical to candle's at inference.
-use crate::default_model::train_layers::packed_inference;
 use crate::default_model::train_layers::{conv2d, gelu_erf, group_norm, silu, Conv2d, GroupNorm};
 use crate::default_model::train_layers::{conv_transpose2d, ConvTranspose2d};
 use crate::default_model::train_layers::{linear, Linear};
+use crate::default_model::train_layers::{packed_inference, residual_add};
 use crate::kernels::attention::AttentionWeights;
 use crate::kernels::norm::Epilogue;
 use crate::kernels::PackedCache;
@@ -173,6 +173,9 @@ impl UNetConfig {
 /// Largest batch one CPU forward processes at once (see `forward_projected`).
 pub const CPU_MICRO_BATCH: usize = 16;
 
+/// Largest micro-batch of a narrow network, whose micro-batches run in parallel.
+pub const NARROW_MICRO_BATCH: usize = 8;
+
 /// Number of tokens the projected context is expanded into by `c_proj_in`.
 pub const CONTEXT_TOKENS: usize = 32;
 
@@ -281,8 +284,8 @@ impl ResidualBlock {
             .conv2
             .forward(&self.norm2.forward_with(&h, &modulated)?)?;
         match &self.shortcut {
-            Some(s) => h + s.forward(x)?,
-            None => h + x,
+            Some(s) => residual_add(&h, &s.forward(x)?),
+            None => residual_add(&h, x),
         }
     }
 }
@@ -410,17 +413,17 @@ impl AttentionBlock {
         let x_in = x;
         let x = self.x_proj_in.forward(x)?.reshape((b, ch, h * w))?;
         let n = self.x_norm.forward(&x)?;
-        let x = (self.self_attention.forward(&n, &n)? + x)?;
+        let x = residual_add(&self.self_attention.forward(&n, &n)?, &x)?;
         let n = self.x_norm.forward(&x)?;
-        let x = (self.cross_attention.forward(&n, &ctx)? + x)?;
+        let x = residual_add(&self.cross_attention.forward(&n, &ctx)?, &x)?;
         // The feed-forward on every position, in (B, C, HW) layout.
         let n = self.x_norm.forward(&x)?;
         let f = self
             .ff2
             .forward_channels(&gelu_erf(&self.ff0.forward_channels(&n)?)?)?;
-        let x = (f + x)?;
+        let x = residual_add(&f, &x)?;
         let x = self.x_proj_out.forward(&x.reshape((b, ch, h, w))?)?;
-        x + x_in
+        residual_add(&x, x_in)
     }
 }
 
@@ -659,22 +662,49 @@ impl ConditionalUNet {
     /// ε prediction from already projected contexts (B, context_channels).
     ///
     /// On the CPU large batches run as micro-batches of [`CPU_MICRO_BATCH`] images, so the
-    /// activations stay cache-sized while each layer's weights serve many images. Every op
-    /// computes each image on its own, so the result is identical either way.
+    /// activations stay cache-sized while each layer's weights serve many images; a narrow
+    /// network (at most 256 channels) runs its micro-batches in parallel, one thread each.
+    /// Every op computes each image on its own, so the result is identical either way.
     pub fn forward_projected(&self, x: &Tensor, t: &Tensor, c: &Tensor) -> Result<Tensor> {
         let b = x.dim(0)?;
-        if !x.device().is_cpu() || b <= CPU_MICRO_BATCH {
+        if !x.device().is_cpu() {
             return self.forward_batch(x, t, c);
         }
-        let mut parts = Vec::new();
-        for start in (0..b).step_by(CPU_MICRO_BATCH) {
-            let n = CPU_MICRO_BATCH.min(b - start);
-            parts.push(self.forward_batch(
+        // Narrow networks have layers too small to split across threads: their batch is
+        // split instead, each part on one thread.
+        let threads = crate::kernels::gemm::kernel_threads();
+        let narrow = self
+            .config
+            .level_channels()
+            .last()
+            .is_some_and(|&c| c <= 256);
+        let parallel = narrow && threads > 1 && b > 1;
+        let per_part = if parallel {
+            b.div_ceil(threads).min(NARROW_MICRO_BATCH)
+        } else {
+            CPU_MICRO_BATCH
+        };
+        if b <= per_part {
+            return self.forward_batch(x, t, c);
+        }
+        let part = |start: usize| -> Result<Tensor> {
+            let n = per_part.min(b - start);
+            self.forward_batch(
                 &x.narrow(0, start, n)?,
                 &t.narrow(0, start, n)?,
                 &c.narrow(0, start, n)?,
-            )?);
-        }
+            )
+        };
+        let starts: Vec<usize> = (0..b).step_by(per_part).collect();
+        let parts = if parallel {
+            use rayon::prelude::*;
+            starts
+                .into_par_iter()
+                .map(part)
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            starts.into_iter().map(part).collect::<Result<Vec<_>>>()?
+        };
         Tensor::cat(&parts, 0)
     }
 

@@ -9,7 +9,9 @@
 use crate::checkpoint::{build_checked, load_state_dict, StateDict};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 // `Conv2d` with a fast CPU training path; identical to candle's at inference.
-use crate::default_model::train_layers::{conv2d, group_norm, packed_inference, Conv2d, GroupNorm};
+use crate::default_model::train_layers::{
+    conv2d, group_norm, packed_inference, residual_add, Conv2d, GroupNorm,
+};
 use crate::kernels::attention::AttentionWeights;
 use crate::kernels::norm::Epilogue;
 use crate::kernels::PackedCache;
@@ -207,8 +209,8 @@ impl ResnetBlock {
         let h = self.conv1.forward(&norm_swish(&self.norm1, x)?)?;
         let h = self.conv2.forward(&norm_swish(&self.norm2, &h)?)?;
         match &self.nin_shortcut {
-            Some(s) => s.forward(x)? + h,
-            None => x + h,
+            Some(s) => residual_add(&s.forward(x)?, &h),
+            None => residual_add(x, &h),
         }
     }
 }
@@ -257,7 +259,7 @@ impl AttnBlock {
             let out =
                 self.packed
                     .with(self.q.weight(), || self.pack(), |p| p.forward(&seq, &seq))?;
-            return x + out.reshape((b, c, h, w))?;
+            return residual_add(x, &out.reshape((b, c, h, w))?);
         }
         let q = self.q.forward(&hn)?.reshape((b, c, h * w))?;
         let k = self.k.forward(&hn)?.reshape((b, c, h * w))?;
@@ -311,8 +313,7 @@ impl Upsample {
 
     /// Doubles the spatial size of `[B, C, H, W]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (_, _, h, w) = x.dims4()?;
-        self.conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)
+        self.conv.forward_upsampled2(x)
     }
 }
 
