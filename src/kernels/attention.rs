@@ -2,6 +2,7 @@
 //! 1×1 projections `q, k, v`, per head the scores `qᵀk` (both pre-scaled by `d^(−1/4)`), a
 //! row softmax in place, `v · wᵀ`, and the output projection — no transposed copies.
 
+use super::f32_values;
 use super::gemm::{gemm, kernel_threads, Matrix, Output, PackedA};
 use super::linear::LinearWeights;
 use super::math::softmax;
@@ -116,16 +117,6 @@ impl AttentionWeights {
     }
 }
 
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        return Err(Error::Msg(format!("attention: {what} must be F32")));
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => Err(Error::Msg(format!("attention: {what} must be contiguous"))),
-    }
-}
-
 impl CustomOp2 for AttentionWeights {
     fn name(&self) -> &'static str {
         "packed-attention"
@@ -138,7 +129,10 @@ impl CustomOp2 for AttentionWeights {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, kv) = (contiguous(s1, l1, "input")?, contiguous(s2, l2, "context")?);
+        let (x, kv) = (
+            f32_values(s1, l1, "attention: input")?,
+            f32_values(s2, l2, "attention: context")?,
+        );
         let (&[b, c, nq], &[b2, ckv, nk]) = (l1.dims(), l2.dims()) else {
             return Err(Error::Msg(format!(
                 "attention: input {:?} and context {:?} must be (B, C, N)",

@@ -7,6 +7,7 @@
 //! The bias is added in the product's last pass. A transposed convolution is the adjoint:
 //! `y = col2im(Wᵀ · x)`.
 
+use super::f32_values;
 use super::gemm::{gemm, kernel_threads, Matrix, Output, PackedA, PanelSource};
 use candle_core::{CpuStorage, CustomOp1, DType, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -278,16 +279,6 @@ impl PanelSource for Im2col<'_> {
     }
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        return Err(Error::Msg(format!("{what} must be F32")));
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => Err(Error::Msg(format!("{what} must be contiguous"))),
-    }
-}
-
 fn tensor_values(t: &Tensor) -> Result<Vec<f32>> {
     t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
 }
@@ -392,7 +383,7 @@ impl CustomOp1 for ConvWeights {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s, l, "conv2d input")?;
+        let x = f32_values(s, l, "conv2d input")?;
         let g = Geom::new(l.dims(), &self.dims, self.stride, self.pad)?;
         let mut y = vec![0f32; g.b * g.out_len()];
         self.run(x, l.dims(), &mut y)?;
@@ -409,7 +400,7 @@ impl CustomOp1 for Upsampled2<'_> {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s, l, "conv2d input")?;
+        let x = f32_values(s, l, "conv2d input")?;
         let &[b, c, h, w] = l.dims() else {
             return Err(Error::Msg(format!(
                 "conv2d: input {:?} must be 4-d",
@@ -513,7 +504,7 @@ impl CustomOp1 for ConvTransposeWeights {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s, l, "conv_transpose2d input")?;
+        let x = f32_values(s, l, "conv_transpose2d input")?;
         // `g` maps the output (as its input) to this op's input (as its output).
         let g = self.geom(l.dims())?;
         let mut y = vec![0f32; g.b * g.in_len()];

@@ -3,6 +3,7 @@
 //! output value is the same chain of multiply–adds whatever the batch, so a row's result
 //! never depends on the rows beside it.
 
+use super::f32_values;
 use super::gemm::{gemm, kernel_threads, Matrix, Output, PackedA};
 use candle_core::{CpuStorage, CustomOp1, DType, Error, Layout, Result, Shape, Tensor};
 
@@ -113,13 +114,7 @@ impl CustomOp1 for LinearOp<'_> {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(v) = s else {
-            return Err(Error::Msg("linear: input must be F32".into()));
-        };
-        let Some((lo, hi)) = l.contiguous_offsets() else {
-            return Err(Error::Msg("linear: input must be contiguous".into()));
-        };
-        let x = &v[lo..hi];
+        let x = f32_values(s, l, "linear: input")?;
         let (w, threads) = (self.0, kernel_threads());
         let (inp, out) = (w.in_features(), w.out_features());
         match (self.1, l.dims()) {

@@ -4,6 +4,7 @@
 //! operations on every path (no fused multiply–add is formed), so the results are the same
 //! bits everywhere.
 
+use super::f32_values;
 use super::gemm::{active_simd, Simd};
 use candle_core::{CpuStorage, CustomOp1, Error, Layout, Result, Shape, Tensor};
 
@@ -125,16 +126,7 @@ impl CustomOp1 for Pointwise {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(v) = s else {
-            return Err(Error::Msg(format!("{}: input must be F32", self.name())));
-        };
-        let Some((lo, hi)) = l.contiguous_offsets() else {
-            return Err(Error::Msg(format!(
-                "{}: input must be contiguous",
-                self.name()
-            )));
-        };
-        let mut y = v[lo..hi].to_vec();
+        let mut y = f32_values(s, l, self.name())?.to_vec();
         match self {
             Self::Silu => map_in_place(&mut y, silu),
             Self::GeluErf => map_in_place(&mut y, gelu_erf),
@@ -163,13 +155,10 @@ impl candle_core::CustomOp2 for Add {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(a), CpuStorage::F32(b)) = (s1, s2) else {
-            return Err(Error::Msg("add: inputs must be F32".into()));
-        };
-        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            return Err(Error::Msg("add: inputs must be contiguous".into()));
-        };
+        let (a, b) = (
+            f32_values(s1, l1, "add: input")?,
+            f32_values(s2, l2, "add: input")?,
+        );
         if l1.dims() != l2.dims() {
             return Err(Error::Msg(format!(
                 "add: shapes {:?} and {:?} differ",
@@ -177,8 +166,7 @@ impl candle_core::CustomOp2 for Add {
                 l2.dims()
             )));
         }
-        let mut y = a[a0..a1].to_vec();
-        let b = &b[b0..b1];
+        let mut y = a.to_vec();
         dispatch(
             #[inline(always)]
             || y.iter_mut().zip(b).for_each(|(y, b)| *y += b),
@@ -211,14 +199,7 @@ impl CustomOp1 for ChannelAffine {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(v) = s else {
-            return Err(Error::Msg("channel affine: input must be F32".into()));
-        };
-        let Some((lo, hi)) = l.contiguous_offsets() else {
-            return Err(Error::Msg(
-                "channel affine: input must be contiguous".into(),
-            ));
-        };
+        let x = f32_values(s, l, "channel affine: input")?;
         let dims = l.dims();
         let c = self.scale.len();
         let fits = dims.len() >= 2
@@ -231,7 +212,7 @@ impl CustomOp1 for ChannelAffine {
             )));
         }
         let spatial: usize = dims[2..].iter().product();
-        let mut y = v[lo..hi].to_vec();
+        let mut y = x.to_vec();
         for (i, plane) in y.chunks_mut(spatial.max(1)).enumerate() {
             let ch = i % c;
             let (a, b) = (self.scale[ch], self.shift[ch]);

@@ -13,7 +13,7 @@ pub mod linear;
 pub mod math;
 pub mod norm;
 
-use candle_core::{Result, Tensor};
+use candle_core::{CpuStorage, Error, Layout, Result, Tensor};
 use std::sync::{Arc, OnceLock};
 
 /// Packed parameters built on first use. Weights that are `Var`s change in place during
@@ -49,5 +49,16 @@ impl<T> PackedCache<T> {
         }
         let p = build()?;
         f(self.0.get_or_init(|| p))
+    }
+}
+
+/// The contiguous F32 values behind a CPU storage and its layout, or an error naming `what`.
+pub(crate) fn f32_values<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        return Err(Error::Msg(format!("{what} must be F32")));
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => Err(Error::Msg(format!("{what} must be contiguous"))),
     }
 }

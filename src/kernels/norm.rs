@@ -1,6 +1,7 @@
 //! GroupNorm for inference in one op: statistics, affine, an optional per-sample channel
 //! modulation `· (1 + scale) + shift` and an optional SiLU, in two passes over each group.
 
+use super::f32_values;
 use super::gemm::kernel_threads;
 use super::math::{dispatch, silu};
 use candle_core::{CpuStorage, CustomOp1, DType, Error, Layout, Result, Shape, Tensor};
@@ -98,13 +99,7 @@ impl CustomOp1 for GroupNormOp<'_> {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(v) = s else {
-            return Err(Error::Msg("group norm: input must be F32".into()));
-        };
-        let Some((lo, hi)) = l.contiguous_offsets() else {
-            return Err(Error::Msg("group norm: input must be contiguous".into()));
-        };
-        let x = &v[lo..hi];
+        let x = f32_values(s, l, "group norm: input")?;
         let dims = l.dims();
         let (c, spatial) = match dims {
             [_, c, rest @ ..] => (*c, rest.iter().product::<usize>()),

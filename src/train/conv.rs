@@ -14,6 +14,7 @@
 //! Only square kernels, no dilation, no groups, F32.
 
 use crate::kernels::conv::{ConvWeights, Geom};
+use crate::kernels::f32_values;
 use crate::kernels::gemm::{gemm, Matrix, Output, PackedA};
 use candle_core::{CpuStorage, CustomOp2, DType, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -57,16 +58,6 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     })
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        return Err(Error::Msg(format!("conv2d: {what} must be F32")));
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => Err(Error::Msg(format!("conv2d: {what} must be contiguous"))),
-    }
-}
-
 /// Forward op: `(x, w) → y`.
 #[derive(Debug, Clone, Copy)]
 struct Conv2dOp {
@@ -87,7 +78,10 @@ impl CustomOp2 for Conv2dOp {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.pad)?;
-        let (x, w) = (f32_slice(s1, l1, "input")?, f32_slice(s2, l2, "weight")?);
+        let (x, w) = (
+            f32_values(s1, l1, "conv2d: input")?,
+            f32_values(s2, l2, "conv2d: weight")?,
+        );
         let mut y = vec![0f32; g.b * g.out_len()];
         ConvWeights::from_slice(w, l2.dims(), None, self.stride, self.pad)?.run(
             x,
@@ -160,7 +154,10 @@ impl CustomOp2 for GradInputOp {
                 l1.dims()
             )));
         }
-        let (gr, w) = (f32_slice(s1, l1, "gradient")?, f32_slice(s2, l2, "weight")?);
+        let (gr, w) = (
+            f32_values(s1, l1, "conv2d: gradient")?,
+            f32_values(s2, l2, "conv2d: weight")?,
+        );
         let mut dx = vec![0f32; b * g.in_len()];
         // Wᵀ (ckk × cout), packed once for the batch.
         let wt = PackedA::new(w, g.ckk(), g.cout, 1, g.ckk());
@@ -217,7 +214,10 @@ impl CustomOp2 for GradWeightOp {
                 "conv2d grad: gradient {gd:?} does not match the forward output"
             )));
         }
-        let (x, gr) = (f32_slice(s1, l1, "input")?, f32_slice(s2, l2, "gradient")?);
+        let (x, gr) = (
+            f32_values(s1, l1, "conv2d: input")?,
+            f32_values(s2, l2, "conv2d: gradient")?,
+        );
         let wlen = g.cout * g.ckk();
         let dw = x
             .par_chunks(g.in_len().max(1))
