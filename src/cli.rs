@@ -29,7 +29,8 @@ pub enum Command {
     Forward(ForwardCommand),
     /// Sample synthetic identities into an ImageFolder with a grid and a manifest.
     Generate(GenerateArgs),
-    /// Measure U-Net, decoder and sampler throughput against the reference's numbers.
+    /// Time the U-Net, VQ decoder, IResNet-50, a training step and sampling on random weights
+    /// (with --reference: beside PyTorch timings taken on this machine).
     Bench(crate::bench::BenchArgs),
     /// Run the reference parity checks on a device/dtype and report max abs errors.
     Parity(crate::parity::ParityArgs),
