@@ -1,4 +1,4 @@
-//! Real faces: ONNX face recognizers, face detection, 5-point alignment (issue 8).
+//! Real faces: ONNX face recognizers, face detection, 5-point alignment.
 //!
 //! Everything runs on the CPU through [tract-onnx](https://github.com/sonos/tract) (pure
 //! Rust):

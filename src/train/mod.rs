@@ -1,4 +1,4 @@
-//! Face-recognition training on labelled face images (issue #6): IResNet backbones with a
+//! Face-recognition training on labelled face images: IResNet backbones with a
 //! CosFace/ArcFace margin head, SGD with momentum, RandAugment, checkpoints that
 //! `IResNet::load` reads, and InsightFace verification after every epoch.
 
