@@ -291,15 +291,10 @@ pub fn default_unet_config() -> Result<UNetConfig> {
 pub fn unet_forward_flops(cfg: &UNetConfig) -> f64 {
     let f = |x: usize| x as f64;
     let c0 = cfg.initial_channels;
-    let tc = 4 * c0;
+    let tc = cfg.time_channels();
     let cc = cfg.context_channels;
     let tokens = CONTEXT_TOKENS;
-    let mut chans = Vec::new();
-    let mut c = c0;
-    for m in &cfg.channel_multipliers {
-        c *= m;
-        chans.push(c);
-    }
+    let chans = cfg.level_channels();
     let levels = chans.len();
     // Side of each level: 3×3 stride-2 padding-1 convolutions go down, 4×4 stride-2
     // padding-1 transposed convolutions come back up.

@@ -7,9 +7,9 @@
 //! The bias is added in the product's last pass. A transposed convolution is the adjoint:
 //! `y = col2im(Wᵀ · x)`.
 
-use super::f32_values;
 use super::gemm::{gemm, kernel_threads, Matrix, Output, PackedA, PanelSource};
-use candle_core::{CpuStorage, CustomOp1, DType, Error, Layout, Result, Shape, Tensor};
+use super::{f32_values, tensor_values};
+use candle_core::{CpuStorage, CustomOp1, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Geometry of one convolution.
@@ -279,10 +279,6 @@ impl PanelSource for Im2col<'_> {
     }
 }
 
-fn tensor_values(t: &Tensor) -> Result<Vec<f32>> {
-    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
-}
-
 /// A convolution's kernel packed for [`gemm`], with its bias and geometry.
 #[derive(Debug, Clone)]
 pub struct ConvWeights {
@@ -296,16 +292,9 @@ pub struct ConvWeights {
 impl ConvWeights {
     /// Packs `weight [c_out, c_in, k, k]` and `bias [c_out]`.
     pub fn new(weight: &Tensor, bias: Option<&Tensor>, stride: usize, pad: usize) -> Result<Self> {
-        let (cout, cin, k, k2) = weight.dims4()?;
-        if k != k2 || stride == 0 {
-            return Err(Error::Msg(format!(
-                "conv2d: kernel {:?} must be square, stride {stride} positive",
-                weight.dims()
-            )));
-        }
         let w = tensor_values(weight)?;
         let bias = bias.map(tensor_values).transpose()?;
-        Self::from_slice(&w, &[cout, cin, k, k], bias, stride, pad)
+        Self::from_slice(&w, weight.dims(), bias, stride, pad)
     }
 
     /// Packs a contiguous kernel `w` of shape `dims` (`[c_out, c_in, k, k]`).
@@ -548,7 +537,7 @@ impl CustomOp1 for ConvTransposeWeights {
 mod tests {
     use super::*;
     use crate::testutil::max_abs_diff;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     /// The packed convolution matches candle's for 3×3, strided, 1×1 and odd shapes, with
     /// and without bias, alone and in a batch; a batch gives each image's own bits.

@@ -492,14 +492,21 @@ unsafe fn gemm_region(
                 for (jp, j0) in (s0..s0 + len).step_by(nr).enumerate() {
                     let w = nr.min(s0 + len - j0);
                     let bp = &buf[jp * kc * nr..][..kc * nr];
-                    let one_group = c.cs == 1 && j0 / c.group == (j0 + w - 1) / c.group;
+                    // A full tile inside one group is computed in place; any other is
+                    // gathered into a buffer and scattered back.
+                    let in_place = w == nr && c.cs == 1 && j0 / c.group == (j0 + w - 1) / c.group;
                     for ip in i0..i1 {
                         let h = MR.min(m - ip * MR);
                         let ap = a.panel(k0, kc, ip);
                         let bias = bias.filter(|_| last).map(|b| &b[ip * MR..ip * MR + h]);
-                        if one_group {
+                        if in_place && h == MR {
                             let tile = c.at(ip * MR, j0);
-                            tile_product(simd, kc, ap, bp, tile, c.rs, h, w, load_c, bias);
+                            kernel(simd, kc, ap, bp, tile, c.rs, load_c);
+                            for (i, &v) in bias.into_iter().flatten().enumerate() {
+                                std::slice::from_raw_parts_mut(tile.add(i * c.rs), nr)
+                                    .iter_mut()
+                                    .for_each(|x| *x += v);
+                            }
                         } else {
                             scattered_tile(simd, kc, ap, bp, c, ip * MR, j0, h, w, load_c, bias);
                         }
@@ -508,52 +515,6 @@ unsafe fn gemm_region(
             }
         }
     });
-}
-
-/// One `h × w` tile (at most `MR × nr`) of `C` at `tile`: `tile (+)= ap · bp`.
-///
-/// # Safety
-/// `tile` must address `h` rows of `w` writable values with row stride `ldc`.
-#[allow(clippy::too_many_arguments)]
-#[inline]
-unsafe fn tile_product(
-    simd: Simd,
-    kc: usize,
-    ap: &[f32],
-    bp: &[f32],
-    tile: *mut f32,
-    ldc: usize,
-    h: usize,
-    w: usize,
-    load_c: bool,
-    bias: Option<&[f32]>,
-) {
-    let nr = simd.nr();
-    let full = h == MR && w == nr;
-    let mut edge = [0f32; MR * 32];
-    let (dst, ld) = if full {
-        (tile, ldc)
-    } else {
-        if load_c {
-            for i in 0..h {
-                std::ptr::copy_nonoverlapping(tile.add(i * ldc), edge.as_mut_ptr().add(i * nr), w);
-            }
-        }
-        (edge.as_mut_ptr(), nr)
-    };
-    kernel(simd, kc, ap, bp, dst, ld, load_c);
-    if let Some(bias) = bias {
-        for (i, &v) in bias.iter().enumerate() {
-            std::slice::from_raw_parts_mut(dst.add(i * ld), w)
-                .iter_mut()
-                .for_each(|x| *x += v);
-        }
-    }
-    if !full {
-        for i in 0..h {
-            std::ptr::copy_nonoverlapping(edge.as_ptr().add(i * nr), tile.add(i * ldc), w);
-        }
-    }
 }
 
 /// The micro-kernel of `simd` on a full `MR × nr` tile at `c` (row stride `ldc`).
@@ -576,8 +537,8 @@ unsafe fn kernel(
     }
 }
 
-/// A tile whose columns are not contiguous in `C` (strided, or across groups): gathered
-/// into a buffer, computed there and scattered back.
+/// A partial tile, or one whose columns are not contiguous in `C` (strided, or across
+/// groups): gathered into a buffer, computed there and scattered back.
 #[allow(clippy::too_many_arguments)]
 unsafe fn scattered_tile(
     simd: Simd,

@@ -3,9 +3,9 @@
 //! output value is the same chain of multiply–adds whatever the batch, so a row's result
 //! never depends on the rows beside it.
 
-use super::f32_values;
 use super::gemm::{gemm, kernel_threads, Matrix, Output, PackedA};
-use candle_core::{CpuStorage, CustomOp1, DType, Error, Layout, Result, Shape, Tensor};
+use super::{f32_values, tensor_values};
+use candle_core::{CpuStorage, CustomOp1, Error, Layout, Result, Shape, Tensor};
 
 /// A linear layer's weight `[out, in]` (or a 1×1 convolution's `[out, in, 1(, 1)]`), packed,
 /// with its bias.
@@ -31,13 +31,8 @@ impl LinearWeights {
     pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
         let out = weight.dim(0)?;
         let inp = weight.elem_count() / out.max(1);
-        let w = weight
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let bias = bias
-            .map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>())
-            .transpose()?;
+        let w = tensor_values(weight)?;
+        let bias = bias.map(tensor_values).transpose()?;
         if bias.as_ref().is_some_and(|b| b.len() != out) {
             return Err(Error::Msg(format!(
                 "linear: bias does not have {out} values"

@@ -52,6 +52,13 @@ impl<T> PackedCache<T> {
     }
 }
 
+/// A tensor's values as a flat F32 vector (for packing parameters).
+pub(crate) fn tensor_values(t: &Tensor) -> Result<Vec<f32>> {
+    t.to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()
+}
+
 /// The contiguous F32 values behind a CPU storage and its layout, or an error naming `what`.
 pub(crate) fn f32_values<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {

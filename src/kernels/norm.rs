@@ -1,10 +1,10 @@
 //! GroupNorm for inference in one op: statistics, affine, an optional per-sample channel
 //! modulation `· (1 + scale) + shift` and an optional SiLU, in two passes over each group.
 
-use super::f32_values;
 use super::gemm::kernel_threads;
 use super::math::{dispatch, silu};
-use candle_core::{CpuStorage, CustomOp1, DType, Error, Layout, Result, Shape, Tensor};
+use super::{f32_values, tensor_values};
+use candle_core::{CpuStorage, CustomOp1, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// A GroupNorm's affine parameters, as plain values.
@@ -47,11 +47,7 @@ fn sum(x: &[f32], f: impl Fn(f32) -> f64) -> f64 {
 impl GroupNormWeights {
     /// `gamma`, `beta`: `[C]`; `groups` must divide `C`.
     pub fn new(gamma: &Tensor, beta: &Tensor, groups: usize, eps: f64) -> Result<Self> {
-        let gamma = gamma
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let beta = beta.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let (gamma, beta) = (tensor_values(gamma)?, tensor_values(beta)?);
         if groups == 0 || gamma.len() % groups != 0 || beta.len() != gamma.len() {
             return Err(Error::Msg(format!(
                 "group norm: {} channels, {} biases, {groups} groups",
@@ -79,7 +75,7 @@ impl GroupNormWeights {
                             t.dims()
                         )));
                     }
-                    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+                    tensor_values(t)
                 };
                 Some((v(scale)?, v(shift)?))
             }
@@ -173,7 +169,7 @@ impl CustomOp1 for GroupNormOp<'_> {
 mod tests {
     use super::*;
     use crate::testutil::max_abs_diff;
-    use candle_core::{Device, Module};
+    use candle_core::{DType, Device, Module};
 
     #[test]
     fn fused_group_norm_matches_candle_with_modulation_and_silu() {

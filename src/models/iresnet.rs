@@ -10,6 +10,7 @@
 use crate::checkpoint::{build_checked, load_state_dict};
 use crate::default_model::train_layers::{conv2d_no_bias, Conv2d};
 use crate::kernels::math::ChannelAffine;
+use crate::kernels::tensor_values;
 use candle_core::{DType, Device, Module, ModuleT, Result, Tensor, D};
 use candle_nn::{
     batch_norm, linear, prelu, BatchNorm, BatchNormConfig, Conv2dConfig, Linear, PReLU, VarBuilder,
@@ -202,9 +203,11 @@ fn bn_prelu(x: &Tensor, bn: &BatchNorm, prelu: Option<&PReLU>, train: bool) -> R
     if !x.device().is_cpu() || !plain(x) || !plain(w) || scalar_prelu || x.rank() < 2 {
         return composed(x);
     }
-    let values = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
-    let (mean, var) = (values(bn.running_mean())?, values(bn.running_var())?);
-    let (w, b) = (values(w)?, values(b)?);
+    let (mean, var) = (
+        tensor_values(bn.running_mean())?,
+        tensor_values(bn.running_var())?,
+    );
+    let (w, b) = (tensor_values(w)?, tensor_values(b)?);
     let scale: Vec<f32> = w
         .iter()
         .zip(&var)
@@ -219,7 +222,7 @@ fn bn_prelu(x: &Tensor, bn: &BatchNorm, prelu: Option<&PReLU>, train: bool) -> R
     let op = ChannelAffine {
         scale,
         shift,
-        prelu: prelu.map(|p| values(p.weight())).transpose()?,
+        prelu: prelu.map(|p| tensor_values(p.weight())).transpose()?,
     };
     x.contiguous()?.apply_op1_no_bwd(&op)
 }

@@ -146,7 +146,8 @@ impl UNetConfig {
         Ok(())
     }
 
-    fn level_channels(&self) -> Vec<usize> {
+    /// Channels of each resolution level (the multipliers applied cumulatively).
+    pub fn level_channels(&self) -> Vec<usize> {
         let mut c = self.initial_channels;
         self.channel_multipliers
             .iter()
@@ -165,7 +166,8 @@ impl UNetConfig {
         }
     }
 
-    fn time_channels(&self) -> usize {
+    /// Width of the time embedding.
+    pub fn time_channels(&self) -> usize {
         self.initial_channels * 4
     }
 }

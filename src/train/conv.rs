@@ -15,28 +15,9 @@
 
 use crate::kernels::conv::{ConvWeights, Geom};
 use crate::kernels::f32_values;
-use crate::kernels::gemm::{gemm, Matrix, Output, PackedA};
+use crate::kernels::gemm::{gemm, matmul, Matrix, Output, PackedA};
 use candle_core::{CpuStorage, CustomOp2, DType, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
-
-/// `dst (m×n) = [dst +] a (m×k, strides) · b (k×n, strides)` on one thread (the callers
-/// already run in parallel over the batch).
-#[allow(clippy::too_many_arguments)]
-fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    accumulate: bool,
-    a: &[f32],
-    a_rs: usize,
-    a_cs: usize,
-    b: &[f32],
-    b_rs: usize,
-    b_cs: usize,
-) {
-    crate::kernels::gemm::matmul(m, n, k, dst, accumulate, a, a_rs, a_cs, b, b_rs, b_cs, 1)
-}
 
 thread_local! {
     /// Per-thread im2col buffer, kept between calls so large columns are not re-mapped
@@ -227,6 +208,7 @@ impl CustomOp2 for GradWeightOp {
                 |mut acc, (x_b, g_b)| {
                     // acc (Cout × CKK) += g_b (Cout × P) · cols_bᵀ (P × CKK).
                     let mut product = |cols: &[f32]| {
+                        // One thread: the batch already runs in parallel.
                         matmul(
                             g.cout,
                             g.ckk(),
@@ -239,6 +221,7 @@ impl CustomOp2 for GradWeightOp {
                             cols,
                             1,
                             g.pixels(),
+                            1,
                         )
                     };
                     if g.trivial_cols() {

@@ -19,6 +19,7 @@
 //! variables (names `weight`, `bias`, `running_mean`, `running_var`), so checkpoints are
 //! unchanged.
 
+use crate::kernels::f32_values;
 use candle_core::cpu::erf::erf_f32;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Error, Layout, Module, ModuleT, Result,
@@ -30,16 +31,6 @@ use std::sync::{Arc, Mutex};
 
 /// BatchNorm momentum (PyTorch's default).
 const MOMENTUM: f64 = 0.1;
-
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        return Err(Error::Msg(format!("fused op: {what} must be F32")));
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => Err(Error::Msg(format!("fused op: {what} must be contiguous"))),
-    }
-}
 
 /// `(B, C, S)` of a `[B, C]` (S = 1) or `[B, C, …]` input (S = the product of the rest).
 fn bcs(dims: &[usize]) -> Result<(usize, usize, usize)> {
@@ -150,9 +141,9 @@ impl CustomOp3 for BnOp {
         let dims = bcs(l1.dims())?;
         let (_, c, s) = dims;
         let (x, g, bta) = (
-            slice(s1, l1, "input")?,
-            slice(s2, l2, "weight")?,
-            slice(s3, l3, "bias")?,
+            f32_values(s1, l1, "fused op: input")?,
+            f32_values(s2, l2, "fused op: weight")?,
+            f32_values(s3, l3, "fused op: bias")?,
         );
         if g.len() != c || bta.len() != c {
             return Err(Error::Msg(format!(
@@ -214,9 +205,9 @@ impl CustomOp3 for BnBwdOp {
         let dims = bcs(l1.dims())?;
         let (_, c, s) = dims;
         let (x, g, dy) = (
-            slice(s1, l1, "input")?,
-            slice(s2, l2, "weight")?,
-            slice(s3, l3, "gradient")?,
+            f32_values(s1, l1, "fused op: input")?,
+            f32_values(s2, l2, "fused op: weight")?,
+            f32_values(s3, l3, "fused op: gradient")?,
         );
         if dy.len() != x.len() || g.len() != c {
             return Err(Error::Msg("batch norm backward: shape mismatch".into()));
@@ -351,7 +342,10 @@ impl CustomOp3 for PreluOp {
         _l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (_, c, s) = bcs(l1.dims())?;
-        let (x, a) = (slice(s1, l1, "input")?, slice(s2, l2, "weight")?);
+        let (x, a) = (
+            f32_values(s1, l1, "fused op: input")?,
+            f32_values(s2, l2, "fused op: weight")?,
+        );
         if a.len() != c {
             return Err(Error::Msg(format!(
                 "prelu: {c} channels but {} weights",
@@ -399,9 +393,9 @@ impl CustomOp3 for PreluBwdOp {
         let dims = bcs(l1.dims())?;
         let (_, c, s) = dims;
         let (x, a, dy) = (
-            slice(s1, l1, "input")?,
-            slice(s2, l2, "weight")?,
-            slice(s3, l3, "gradient")?,
+            f32_values(s1, l1, "fused op: input")?,
+            f32_values(s2, l2, "fused op: weight")?,
+            f32_values(s3, l3, "fused op: gradient")?,
         );
         if dy.len() != x.len() || a.len() != c {
             return Err(Error::Msg("prelu backward: shape mismatch".into()));
@@ -517,9 +511,9 @@ impl CustomOp3 for GnOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, g, bta) = (
-            slice(s1, l1, "input")?,
-            slice(s2, l2, "weight")?,
-            slice(s3, l3, "bias")?,
+            f32_values(s1, l1, "fused op: input")?,
+            f32_values(s2, l2, "fused op: weight")?,
+            f32_values(s3, l3, "fused op: bias")?,
         );
         let (_, _, s, cpg) = gn_geometry(l1.dims(), self.groups, g.len())?;
         if bta.len() != g.len() {
@@ -592,9 +586,9 @@ impl CustomOp3 for GnBwdOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, g, dy) = (
-            slice(s1, l1, "input")?,
-            slice(s2, l2, "weight")?,
-            slice(s3, l3, "gradient")?,
+            f32_values(s1, l1, "fused op: input")?,
+            f32_values(s2, l2, "fused op: weight")?,
+            f32_values(s3, l3, "fused op: gradient")?,
         );
         let (_, c, s, cpg) = gn_geometry(l1.dims(), self.groups, g.len())?;
         if dy.len() != x.len() {
@@ -715,7 +709,7 @@ impl CustomOp1 for ActivationOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = slice(s, l, "input")?;
+        let x = f32_values(s, l, "fused op: input")?;
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(4096)
             .zip(x.par_chunks(4096))
@@ -746,7 +740,10 @@ impl CustomOp2 for ActivationBwdOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, dy) = (slice(s1, l1, "input")?, slice(s2, l2, "gradient")?);
+        let (x, dy) = (
+            f32_values(s1, l1, "fused op: input")?,
+            f32_values(s2, l2, "fused op: gradient")?,
+        );
         if x.len() != dy.len() {
             return Err(Error::Msg("activation backward: shape mismatch".into()));
         }
@@ -783,7 +780,10 @@ impl CustomOp2 for ChannelBiasOp {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (_, c, s) = bcs(l1.dims())?;
-        let (x, b) = (slice(s1, l1, "input")?, slice(s2, l2, "bias")?);
+        let (x, b) = (
+            f32_values(s1, l1, "fused op: input")?,
+            f32_values(s2, l2, "fused op: bias")?,
+        );
         if b.len() != c {
             return Err(Error::Msg(format!(
                 "channel bias: {c} channels but {} biases",
@@ -820,7 +820,7 @@ impl CustomOp1 for ChannelSumOp {
 
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (b, c, s) = bcs(l.dims())?;
-        let g = slice(st, l, "gradient")?;
+        let g = f32_values(st, l, "fused op: gradient")?;
         let sums = channel_sums((b, c, s), |_, r| {
             g[r].iter().map(|&v| v as f64).sum::<f64>()
         });
