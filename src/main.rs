@@ -7,7 +7,20 @@ use clap::Parser;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `mi_option_purge_delay` in mimalloc.h (the sys crate names no constant for it).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Keeps freed memory for 10 s (100 s in mimalloc's arenas) before returning it to the OS:
+/// a forward pass frees and re-allocates the same large buffers every few milliseconds, and
+/// with mimalloc's default of 10 ms each re-allocation faults its pages in (and the kernel
+/// zeroes them) again.
+fn keep_freed_memory() {
+    // SAFETY: sets a plain integer option; mimalloc reads options atomically.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 10_000) };
+}
+
 fn main() {
+    keep_freed_memory();
     // No arguments (or `studio …`): open the studio window.
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if args.len() == 1 || args.get(1).is_some_and(|a| a == "studio") {

@@ -8,9 +8,11 @@
 //! `y = col2im(Wᵀ · x)`.
 
 use super::gemm::{gemm, kernel_threads, Matrix, Output, PackedA, PanelSource};
+use super::winograd::{self, WinogradWeights};
 use super::{f32_values, tensor_values};
 use candle_core::{CpuStorage, CustomOp1, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::sync::OnceLock;
 
 /// Geometry of one convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -287,6 +289,9 @@ pub struct ConvWeights {
     dims: [usize; 4],
     stride: usize,
     pad: usize,
+    /// The kernel in the Winograd domain, built the first time an inference call can use
+    /// it.
+    winograd: OnceLock<WinogradWeights>,
 }
 
 impl ConvWeights {
@@ -325,6 +330,7 @@ impl ConvWeights {
             dims: [cout, cin, k, k],
             stride,
             pad,
+            winograd: OnceLock::new(),
         })
     }
 
@@ -341,6 +347,37 @@ impl ConvWeights {
     /// Convolves contiguous images `x` (shape `dims`) into `y`.
     pub(crate) fn run(&self, x: &[f32], dims: &[usize], y: &mut [f32]) -> Result<Geom> {
         self.run_upsampled(x, dims, 1, y)
+    }
+
+    /// Like [`Self::run_upsampled`], but by Winograd's F(2×2, 3×3) where that is faster
+    /// (3×3 kernels, stride 1, padding 1, wide enough layers, large enough images).
+    /// Inference only: results differ from the direct product by rounding.
+    fn infer(&self, x: &[f32], dims: &[usize], up: usize, y: &mut [f32]) -> Result<Geom> {
+        let [cout, cin, k, _] = self.dims;
+        if let &[b, c, h, w] = dims {
+            // Decided per image, so that an image gives the same bits in any batch.
+            let tiles = (h * up).div_ceil(2) * (w * up).div_ceil(2);
+            let fits =
+                c == cin && x.len() == b * c * h * w && y.len() == b * cout * h * w * up * up;
+            if k == 3
+                && self.stride == 1
+                && self.pad == 1
+                && (up == 1 || up == 2)
+                && fits
+                && cin >= winograd::MIN_CHANNELS
+                && cout >= winograd::MIN_CHANNELS
+                && tiles >= winograd::MIN_IMAGE_TILES
+            {
+                let wg = self.winograd.get_or_init(|| {
+                    WinogradWeights::new(cout, cin, |o, c| {
+                        std::array::from_fn(|i| self.packed.value(o, c * 9 + i))
+                    })
+                });
+                wg.run(x, b, (h, w), up, self.bias.as_deref(), y, kernel_threads());
+                return Geom::new(&[b, c, h * up, w * up], &self.dims, 1, 1);
+            }
+        }
+        self.run_upsampled(x, dims, up, y)
     }
 
     /// Convolves the nearest-neighbour ×`up` upsampling of `x` (shape `dims`) into `y`.
@@ -375,7 +412,7 @@ impl CustomOp1 for ConvWeights {
         let x = f32_values(s, l, "conv2d input")?;
         let g = Geom::new(l.dims(), &self.dims, self.stride, self.pad)?;
         let mut y = vec![0f32; g.b * g.out_len()];
-        self.run(x, l.dims(), &mut y)?;
+        self.infer(x, l.dims(), 1, &mut y)?;
         Ok((CpuStorage::F32(y), Shape::from((g.b, g.cout, g.ho, g.wo))))
     }
 }
@@ -403,7 +440,7 @@ impl CustomOp1 for Upsampled2<'_> {
             self.0.pad,
         )?;
         let mut y = vec![0f32; g.b * g.out_len()];
-        self.0.run_upsampled(x, l.dims(), 2, &mut y)?;
+        self.0.infer(x, l.dims(), 2, &mut y)?;
         Ok((CpuStorage::F32(y), Shape::from((g.b, g.cout, g.ho, g.wo))))
     }
 }
@@ -578,6 +615,59 @@ mod tests {
                 last.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
                 "an image alone differs from the same image in a batch"
             );
+        }
+    }
+
+    #[test]
+    fn winograd_inference_matches_candle_in_any_batch() {
+        let dev = Device::Cpu;
+        // Wide 3×3 layers on large enough images take the Winograd route, plain and
+        // upsampled (odd sizes included).
+        for (b, cin, cout, h, w, up) in [
+            (3, 96, 100, 16, 18, 1),
+            (2, 97, 96, 9, 8, 2),
+            (2, 96, 96, 17, 15, 1),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (b, cin, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 0.05, (cout, cin, 3, 3), &dev).unwrap();
+            let bias = Tensor::randn(0f32, 1.0, cout, &dev).unwrap();
+            let conv = ConvWeights::new(&wt, Some(&bias), 1, 1).unwrap();
+            let (input, got) = if up == 1 {
+                (x.clone(), conv.forward(&x).unwrap())
+            } else {
+                let big = x.upsample_nearest2d(h * up, w * up).unwrap();
+                (big, conv.forward_upsampled2(&x).unwrap())
+            };
+            assert!(
+                conv.winograd.get().is_some(),
+                "{cin}->{cout} {h}x{w} up {up}"
+            );
+            let want = input
+                .conv2d(&wt, 1, 1, 1, 1)
+                .unwrap()
+                .broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap())
+                .unwrap();
+            assert_eq!(got.dims(), want.dims());
+            assert!(max_abs_diff(&got, &want) < 1e-4, "{cin}->{cout} up {up}");
+            for i in 0..b {
+                let xi = x.narrow(0, i, 1).unwrap();
+                let one = if up == 1 {
+                    conv.forward(&xi)
+                } else {
+                    conv.forward_upsampled2(&xi)
+                }
+                .unwrap();
+                assert_eq!(
+                    one.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    got.narrow(0, i, 1)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap(),
+                    "image {i} alone differs from the same image in a batch"
+                );
+            }
         }
     }
 

@@ -167,6 +167,15 @@ impl PackedA {
         self.k
     }
 
+    /// Element `(i, p)` of the packed matrix.
+    pub fn value(&self, i: usize, p: usize) -> f32 {
+        assert!(i < self.m && p < self.k, "PackedA::value out of range");
+        let mp = self.panels() * MR;
+        let k0 = p / KC * KC;
+        let kc = KC.min(self.k - k0);
+        self.data[k0 * mp + (i / MR) * kc * MR + (p - k0) * MR + i % MR]
+    }
+
     fn panels(&self) -> usize {
         self.m.div_ceil(MR)
     }
@@ -183,6 +192,98 @@ pub trait PanelSource: Sync {
     /// Writes rows `k0..k0 + kc` and columns `n0..n0 + len` into `out` as panels of `nr`
     /// columns: panel `j` at `j·kc·nr`, row `p` of it at `+ p·nr`; columns past `len` zero.
     fn pack(&self, k0: usize, kc: usize, n0: usize, len: usize, nr: usize, out: &mut [f32]);
+
+    /// The same block when the source already stores it packed (then nothing is copied).
+    fn prepacked(&self, _k0: usize, _kc: usize, _n0: usize, _nr: usize) -> Option<&[f32]> {
+        None
+    }
+}
+
+/// Where each element of a `k × n` matrix `B` goes when it is stored in the order the
+/// product reads it ([`Prepacked`]): slices of `NC` columns, in each, blocks of `KC` rows,
+/// in each, panels of `nr` columns (`kc × nr`, columns past `n` unused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackedLayout {
+    k: usize,
+    n: usize,
+    nr: usize,
+}
+
+impl PackedLayout {
+    /// The layout of a `k × n` matrix for the active instruction set.
+    pub fn new(k: usize, n: usize) -> Self {
+        Self {
+            k,
+            n,
+            nr: active_simd().nr(),
+        }
+    }
+
+    /// Values the stored matrix takes.
+    pub fn len(&self) -> usize {
+        let full = self.n / NC * NC;
+        full * self.k + (self.n - full).div_ceil(self.nr) * self.nr * self.k
+    }
+
+    /// True for an empty matrix.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Panel width: columns `j..j + run` with `run ≤ nr − j % nr` are contiguous.
+    pub fn nr(&self) -> usize {
+        self.nr
+    }
+
+    /// Offset of element `(p, j)`.
+    #[inline]
+    pub fn offset(&self, p: usize, j: usize) -> usize {
+        let s0 = j / NC * NC;
+        let width = (self.n - s0).min(NC).div_ceil(self.nr) * self.nr;
+        let k0 = p / KC * KC;
+        let kc = KC.min(self.k - k0);
+        let jj = j - s0;
+        s0 * self.k + k0 * width + (jj / self.nr) * kc * self.nr + (p - k0) * self.nr + jj % self.nr
+    }
+}
+
+/// A matrix stored in a [`PackedLayout`] (for the instruction set active when it was
+/// written).
+#[derive(Debug, Clone, Copy)]
+pub struct Prepacked<'a> {
+    /// The layout.
+    pub layout: PackedLayout,
+    /// `layout.len()` values.
+    pub data: &'a [f32],
+}
+
+impl PanelSource for Prepacked<'_> {
+    fn pack(&self, k0: usize, kc: usize, n0: usize, len: usize, nr: usize, out: &mut [f32]) {
+        for (jp, panel) in out[..len.div_ceil(nr) * kc * nr]
+            .chunks_exact_mut(kc * nr)
+            .enumerate()
+        {
+            for p in 0..kc {
+                for jj in 0..nr {
+                    let j = n0 + jp * nr + jj;
+                    panel[p * nr + jj] = if j < n0 + len {
+                        self.data[self.layout.offset(k0 + p, j)]
+                    } else {
+                        0.0
+                    };
+                }
+            }
+        }
+    }
+
+    fn prepacked(&self, k0: usize, kc: usize, n0: usize, nr: usize) -> Option<&[f32]> {
+        if nr != self.layout.nr || !n0.is_multiple_of(NC) || !k0.is_multiple_of(KC) {
+            return None;
+        }
+        let width = (self.layout.n - n0).min(NC).div_ceil(nr) * nr;
+        let start = n0 * self.layout.k + k0 * width;
+        Some(&self.data[start..start + kc * width])
+    }
 }
 
 /// A dense matrix: element `(p, j)` at `(j / group)·group_stride + p·rs + (j % group)·cs`.
@@ -486,12 +587,18 @@ unsafe fn gemm_region(
                 let kc = KC.min(k - k0);
                 let load_c = accumulate || k0 > 0;
                 let last = k0 + kc >= k;
-                if kc > 0 {
-                    b.pack(k0, kc, s0, len, nr, buf);
-                }
+                let block: &[f32] = match b.prepacked(k0, kc, s0, nr) {
+                    Some(block) => block,
+                    None => {
+                        if kc > 0 {
+                            b.pack(k0, kc, s0, len, nr, buf);
+                        }
+                        buf
+                    }
+                };
                 for (jp, j0) in (s0..s0 + len).step_by(nr).enumerate() {
                     let w = nr.min(s0 + len - j0);
-                    let bp = &buf[jp * kc * nr..][..kc * nr];
+                    let bp = &block[jp * kc * nr..][..kc * nr];
                     // A full tile inside one group is computed in place; any other is
                     // gathered into a buffer and scattered back.
                     let in_place = w == nr && c.cs == 1 && j0 / c.group == (j0 + w - 1) / c.group;
@@ -773,6 +880,51 @@ mod tests {
                 (s as f32 / u32::MAX as f32) * 2.0 - 1.0
             })
             .collect()
+    }
+
+    /// A matrix stored in the product's own layout (read in place with one thread, copied
+    /// per block with several, whose blocks start off the slice boundaries) gives the same
+    /// bits as the plain matrix, across several column slices and depth blocks.
+    #[test]
+    fn prepacked_matrices_give_the_plain_product() {
+        let (m, n, k) = (13, NC + 45, KC + 7);
+        let a = values(m * k, 1);
+        let b = values(k * n, 2);
+        let packed = PackedA::new(&a, m, k, k, 1);
+        let layout = PackedLayout::new(k, n);
+        let mut stored = vec![f32::NAN; layout.len()];
+        for p in 0..k {
+            for j in 0..n {
+                stored[layout.offset(p, j)] = b[p * n + j];
+            }
+        }
+        let mut want = vec![0f32; m * n];
+        gemm(
+            &packed,
+            &Matrix::new(&b, n, 1),
+            n,
+            Output::new(&mut want, n),
+            false,
+            None,
+            1,
+        );
+        for threads in [1, 2] {
+            let src = Prepacked {
+                layout,
+                data: &stored,
+            };
+            let mut got = vec![0f32; m * n];
+            gemm(
+                &packed,
+                &src,
+                n,
+                Output::new(&mut got, n),
+                false,
+                None,
+                threads,
+            );
+            assert_eq!(got, want, "{threads} threads");
+        }
     }
 
     /// Every instruction set of this CPU and every thread count gives the same bits, and

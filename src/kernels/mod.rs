@@ -1,6 +1,7 @@
 //! Fast CPU kernels shared by inference and training: packed matrix products on AVX-512,
-//! AVX2 or portable code ([`gemm`]), convolutions built on them ([`conv`]) and a one-op
-//! GroupNorm with its modulation and activation ([`norm`]).
+//! AVX2 or portable code ([`gemm`]), convolutions built on them ([`conv`]; at inference,
+//! wide 3×3 layers by Winograd's F(2×2, 3×3), [`winograd`]) and a one-op GroupNorm with
+//! its modulation and activation ([`norm`]).
 //!
 //! They take the place of candle's CPU ops for F32 tensors; on other devices and dtypes the
 //! models keep candle's own ops. `IDIFF_SIMD=avx2` (or [`gemm::set_simd`]) forces the AVX2
@@ -12,6 +13,7 @@ pub mod gemm;
 pub mod linear;
 pub mod math;
 pub mod norm;
+pub mod winograd;
 
 use candle_core::{CpuStorage, Error, Layout, Result, Tensor};
 use std::sync::{Arc, OnceLock};
