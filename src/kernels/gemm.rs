@@ -599,20 +599,31 @@ unsafe fn gemm_region(
                 for (jp, j0) in (s0..s0 + len).step_by(nr).enumerate() {
                     let w = nr.min(s0 + len - j0);
                     let bp = &block[jp * kc * nr..][..kc * nr];
-                    // A full tile inside one group is computed in place; any other is
-                    // gathered into a buffer and scattered back.
-                    let in_place = w == nr && c.cs == 1 && j0 / c.group == (j0 + w - 1) / c.group;
+                    // A full-width tile whose halves each lie inside one group is computed
+                    // in place (its first `h` rows); any other is gathered into a buffer and
+                    // scattered back.
+                    let half = nr / 2;
+                    let in_place = w == nr
+                        && c.cs == 1
+                        && if simd == Simd::Avx512 {
+                            j0 / c.group == (j0 + half - 1) / c.group
+                                && (j0 + half) / c.group == (j0 + nr - 1) / c.group
+                        } else {
+                            j0 / c.group == (j0 + nr - 1) / c.group
+                        };
                     for ip in i0..i1 {
                         let h = MR.min(m - ip * MR);
                         let ap = a.panel(k0, kc, ip);
                         let bias = bias.filter(|_| last).map(|b| &b[ip * MR..ip * MR + h]);
-                        if in_place && h == MR {
-                            let tile = c.at(ip * MR, j0);
-                            kernel(simd, kc, ap, bp, tile, c.rs, load_c);
+                        if in_place {
+                            let (c0, c1) = (c.at(ip * MR, j0), c.at(ip * MR, j0 + half));
+                            kernel(simd, kc, ap, bp, (c0, c1), c.rs, load_c, h);
                             for (i, &v) in bias.into_iter().flatten().enumerate() {
-                                std::slice::from_raw_parts_mut(tile.add(i * c.rs), nr)
-                                    .iter_mut()
-                                    .for_each(|x| *x += v);
+                                for part in [c0, c1] {
+                                    std::slice::from_raw_parts_mut(part.add(i * c.rs), half)
+                                        .iter_mut()
+                                        .for_each(|x| *x += v);
+                                }
                             }
                         } else {
                             scattered_tile(simd, kc, ap, bp, c, ip * MR, j0, h, w, load_c, bias);
@@ -624,23 +635,27 @@ unsafe fn gemm_region(
     });
 }
 
-/// The micro-kernel of `simd` on a full `MR × nr` tile at `c` (row stride `ldc`).
+/// The micro-kernel of `simd` on the first `rows` rows of an `MR × nr` tile whose columns
+/// `0..nr/2` start at `c.0` and `nr/2..nr` at `c.1` (row stride `ldc`; on AVX2 and portable
+/// code `c.1` must be `c.0 + nr/2`).
+#[allow(clippy::too_many_arguments)]
 #[inline]
 unsafe fn kernel(
     simd: Simd,
     kc: usize,
     ap: &[f32],
     bp: &[f32],
-    c: *mut f32,
+    c: (*mut f32, *mut f32),
     ldc: usize,
     load_c: bool,
+    rows: usize,
 ) {
     match simd {
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx512 => x86::kernel_avx512(kc, ap.as_ptr(), bp.as_ptr(), c, ldc, load_c),
+        Simd::Avx512 => x86::kernel_avx512(kc, ap.as_ptr(), bp.as_ptr(), c, ldc, load_c, rows),
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 => x86::kernel_avx2(kc, ap.as_ptr(), bp.as_ptr(), c, ldc, load_c),
-        _ => kernel_portable(kc, ap, bp, c, ldc, load_c),
+        Simd::Avx2 => x86::kernel_avx2(kc, ap.as_ptr(), bp.as_ptr(), c.0, ldc, load_c, rows),
+        _ => kernel_portable(kc, ap, bp, c.0, ldc, load_c, rows),
     }
 }
 
@@ -675,7 +690,8 @@ unsafe fn scattered_tile(
             }
         }
     }
-    kernel(simd, kc, ap, bp, buf.as_mut_ptr(), nr, load_c);
+    let tile = buf.as_mut_ptr();
+    kernel(simd, kc, ap, bp, (tile, tile.add(nr / 2)), nr, load_c, MR);
     for i in 0..h {
         let row = base.add((i0 + i) * c.rs);
         let v = bias.map(|b| b[i]);
@@ -690,11 +706,19 @@ unsafe fn scattered_tile(
 }
 
 /// `MR × 8` tile with scalar fused multiply–adds (the same chain as the vector kernels).
-unsafe fn kernel_portable(kc: usize, a: &[f32], b: &[f32], c: *mut f32, ldc: usize, load_c: bool) {
+unsafe fn kernel_portable(
+    kc: usize,
+    a: &[f32],
+    b: &[f32],
+    c: *mut f32,
+    ldc: usize,
+    load_c: bool,
+    rows: usize,
+) {
     const NR: usize = 8;
     let mut acc = [[0f32; NR]; MR];
     if load_c {
-        for (i, row) in acc.iter_mut().enumerate() {
+        for (i, row) in acc.iter_mut().enumerate().take(rows) {
             for (j, v) in row.iter_mut().enumerate() {
                 *v = *c.add(i * ldc + j);
             }
@@ -709,7 +733,7 @@ unsafe fn kernel_portable(kc: usize, a: &[f32], b: &[f32], c: *mut f32, ldc: usi
             }
         }
     }
-    for (i, row) in acc.iter().enumerate() {
+    for (i, row) in acc.iter().enumerate().take(rows) {
         for (j, v) in row.iter().enumerate() {
             *c.add(i * ldc + j) = *v;
         }
@@ -721,21 +745,25 @@ mod x86 {
     use super::MR;
     use std::arch::x86_64::*;
 
-    /// `MR × 32` tile: 24 accumulators of 16 lanes.
+    /// `MR × 32` tile (its first `rows` rows; the two halves of 16 columns may lie apart):
+    /// 24 accumulators of 16 lanes.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn kernel_avx512(
         kc: usize,
         a: *const f32,
         b: *const f32,
-        c: *mut f32,
+        (c0, c1): (*mut f32, *mut f32),
         ldc: usize,
         load_c: bool,
+        rows: usize,
     ) {
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         if load_c {
             for (i, row) in acc.iter_mut().enumerate() {
-                row[0] = _mm512_loadu_ps(c.add(i * ldc));
-                row[1] = _mm512_loadu_ps(c.add(i * ldc + 16));
+                if i < rows {
+                    row[0] = _mm512_loadu_ps(c0.add(i * ldc));
+                    row[1] = _mm512_loadu_ps(c1.add(i * ldc));
+                }
             }
         }
         for p in 0..kc {
@@ -749,12 +777,14 @@ mod x86 {
             }
         }
         for (i, row) in acc.iter().enumerate() {
-            _mm512_storeu_ps(c.add(i * ldc), row[0]);
-            _mm512_storeu_ps(c.add(i * ldc + 16), row[1]);
+            if i < rows {
+                _mm512_storeu_ps(c0.add(i * ldc), row[0]);
+                _mm512_storeu_ps(c1.add(i * ldc), row[1]);
+            }
         }
     }
 
-    /// `MR × 8` tile: 12 accumulators of 8 lanes.
+    /// `MR × 8` tile (its first `rows` rows): 12 accumulators of 8 lanes.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn kernel_avx2(
         kc: usize,
@@ -763,11 +793,14 @@ mod x86 {
         c: *mut f32,
         ldc: usize,
         load_c: bool,
+        rows: usize,
     ) {
         let mut acc = [_mm256_setzero_ps(); MR];
         if load_c {
             for (i, v) in acc.iter_mut().enumerate() {
-                *v = _mm256_loadu_ps(c.add(i * ldc));
+                if i < rows {
+                    *v = _mm256_loadu_ps(c.add(i * ldc));
+                }
             }
         }
         for p in 0..kc {
@@ -778,7 +811,9 @@ mod x86 {
             }
         }
         for (i, v) in acc.iter().enumerate() {
-            _mm256_storeu_ps(c.add(i * ldc), *v);
+            if i < rows {
+                _mm256_storeu_ps(c.add(i * ldc), *v);
+            }
         }
     }
 }
@@ -989,48 +1024,52 @@ mod tests {
     /// output give each image's own product, bit for bit.
     #[test]
     fn grouped_and_transposed_outputs_hold_each_images_product() {
-        let (m, k, cols, batch) = (13, 40, 7, 3);
-        let a = values(m * k, 5);
-        let x = values(batch * k * cols, 6);
-        let packed = PackedA::new(&a, m, k, k, 1);
-        let mut together = vec![0f32; batch * m * cols];
-        let out = Output::batch(&mut together, m, cols);
-        gemm(
-            &packed,
-            &Matrix::batch(&x, k, cols),
-            batch * cols,
-            out,
-            false,
-            None,
-            2,
-        );
-        for b in 0..batch {
-            let mut alone = vec![0f32; m * cols];
-            let src = Matrix::new(&x[b * k * cols..(b + 1) * k * cols], cols, 1);
+        // Column counts that put tiles across images, whole or split at half width.
+        for cols in [7, 16, 48] {
+            let (m, k, batch) = (13, 40, 3);
+            let bias = values(m, 7);
+            let a = values(m * k, 5);
+            let x = values(batch * k * cols, 6);
+            let packed = PackedA::new(&a, m, k, k, 1);
+            let mut together = vec![0f32; batch * m * cols];
+            let out = Output::batch(&mut together, m, cols);
             gemm(
                 &packed,
-                &src,
-                cols,
-                Output::new(&mut alone, cols),
+                &Matrix::batch(&x, k, cols),
+                batch * cols,
+                out,
                 false,
-                None,
-                1,
+                Some(&bias),
+                2,
             );
-            assert_eq!(alone, together[b * m * cols..(b + 1) * m * cols]);
-            // The transpose: row j of `t` is column j of the product.
-            let mut t = vec![0f32; cols * m];
-            gemm(
-                &packed,
-                &src,
-                cols,
-                Output::transposed(&mut t, m),
-                false,
-                None,
-                1,
-            );
-            for i in 0..m {
-                for j in 0..cols {
-                    assert_eq!(t[j * m + i].to_bits(), alone[i * cols + j].to_bits());
+            for b in 0..batch {
+                let mut alone = vec![0f32; m * cols];
+                let src = Matrix::new(&x[b * k * cols..(b + 1) * k * cols], cols, 1);
+                gemm(
+                    &packed,
+                    &src,
+                    cols,
+                    Output::new(&mut alone, cols),
+                    false,
+                    Some(&bias),
+                    1,
+                );
+                assert_eq!(alone, together[b * m * cols..(b + 1) * m * cols]);
+                // The transpose: row j of `t` is column j of the product.
+                let mut t = vec![0f32; cols * m];
+                gemm(
+                    &packed,
+                    &src,
+                    cols,
+                    Output::transposed(&mut t, m),
+                    false,
+                    Some(&bias),
+                    1,
+                );
+                for i in 0..m {
+                    for j in 0..cols {
+                        assert_eq!(t[j * m + i].to_bits(), alone[i * cols + j].to_bits());
+                    }
                 }
             }
         }
