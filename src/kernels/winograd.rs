@@ -25,7 +25,7 @@ const BLOCK_TILES: usize = 256;
 
 /// Fewest tiles per image for which the transforms pay off against the direct convolution
 /// (measured on an AVX-512 CPU).
-pub(crate) const MIN_IMAGE_TILES: usize = 64;
+pub(crate) const MIN_IMAGE_TILES: usize = 36;
 
 /// Fewest input and output channels for which they pay off.
 pub(crate) const MIN_CHANNELS: usize = 96;
@@ -137,24 +137,21 @@ impl WinogradWeights {
         v.resize(XI * stride, 0.0);
         m.resize(XI * cout * n, 0.0);
         let plane = geo.h * geo.w;
-        let mut rows = RowScratch::new(tw);
-        let mut runs = Vec::new();
-        for r in r0..r1 {
+        let mut scratch = PlaneScratch::default();
+        // Pieces of the block inside one image: (image, first tile row, rows, first column).
+        let mut pieces = Vec::new();
+        let mut r = r0;
+        while r < r1 {
             let (image, ty) = (r / geo.th, r % geo.th);
-            let col = (r - r0) * tw;
+            let rows = (geo.th - ty).min(r1 - r);
+            pieces.push((image, ty, rows, (r - r0) * tw));
+            r += rows;
+        }
+        for &(image, ty, rows, col) in &pieces {
             for c in 0..cin {
                 let src = &x[(image * cin + c) * plane..][..plane];
-                rows.transform_input(src, geo, ty);
-                // Column runs that stay inside one panel.
-                runs.clear();
-                let mut t = 0;
-                while t < tw {
-                    let j = col + t;
-                    let run = (layout.nr() - j % layout.nr()).min(tw - t);
-                    runs.push((t, run, layout.offset(c, j)));
-                    t += run;
-                }
-                rows.write_rows(&runs, v, stride);
+                scratch.transform_input(src, geo, ty, rows);
+                scratch.write_packed(&layout, v, stride, c, col, rows, tw);
             }
         }
         for xi in 0..XI {
@@ -166,15 +163,13 @@ impl WinogradWeights {
             gemm(&self.u[xi], &b, n, c, false, None, 1);
         }
         let out_plane = geo.ho * geo.wo;
-        for r in r0..r1 {
-            let (image, ty) = (r / geo.th, r % geo.th);
-            let col = (r - r0) * tw;
-            for o in 0..cout {
-                let tiles: [&[f32]; XI] =
-                    std::array::from_fn(|xi| &m[(xi * cout + o) * n + col..][..tw]);
-                let beta = bias.map_or(0.0, |b| b[o]);
+        for o in 0..cout {
+            let tiles: [&[f32]; XI] = std::array::from_fn(|xi| &m[(xi * cout + o) * n..][..n]);
+            let beta = bias.map_or(0.0, |b| b[o]);
+            scratch.transform_output(&tiles, beta);
+            for &(image, ty, rows, col) in &pieces {
                 let dst = y.add((image * cout + o) * out_plane);
-                rows.transform_output(&tiles, beta, geo, ty, dst);
+                scratch.write_output(geo, ty, rows, col, dst);
             }
         }
     }
@@ -200,179 +195,199 @@ thread_local! {
     static BUFFERS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// Working rows for the transforms of one row of tiles.
-struct RowScratch {
-    /// Columns 2t − 1 (`even`) and 2t (`odd`) of an input row, 0 outside (`tw + 1` each):
-    /// the padded row's even and odd columns.
-    even: Vec<f32>,
-    odd: Vec<f32>,
-    /// Column transforms of the four input rows, `e[4i + j][t]`; reused by the output
-    /// transform.
-    e: Vec<Vec<f32>>,
-    /// The four outputs of each tile, `out[2·dy + dx][t]`.
-    out: Vec<Vec<f32>>,
+/// Working planes of the transforms, whole rows of tiles at once so that every arithmetic
+/// loop runs over long vectors.
+#[derive(Default)]
+struct PlaneScratch {
+    /// The padded input rows of a piece split by row parity (`[0]` even, `[1]` odd padded
+    /// rows) and column parity (`.0` the padded row's even columns — input columns
+    /// 2t − 1 —, `.1` its odd ones — input columns 2t), `tw + 1` values per row.
+    split: [(Vec<f32>, Vec<f32>); 2],
+    /// Column transforms `d B` of those rows, `cols[parity][j]`, same layout.
+    cols: [[Vec<f32>; 4]; 2],
+    /// The 16 transformed values of each tile, `v[ξ][row·(tw + 1) + t]`.
+    v: [Vec<f32>; XI],
+    /// Output transform: rows of `M A` (`[2i]`, `[2i + 1]`), then the four outputs of each
+    /// tile (`out[2·dy + dx]`), over the block's tiles.
+    ma: [Vec<f32>; 8],
+    out: [Vec<f32>; 4],
 }
 
-impl RowScratch {
-    fn new(tw: usize) -> Self {
-        Self {
-            even: vec![0.0; tw + 1],
-            odd: vec![0.0; tw + 1],
-            e: vec![vec![0.0; tw]; XI],
-            out: vec![vec![0.0; tw]; 4],
-        }
-    }
-
-    /// Splits input row `iy` (of the upsampled image; `None` for padding) into the padded
-    /// row's even and odd columns.
-    fn split_row(&mut self, src: &[f32], geo: &TileGeom, iy: Option<usize>) {
+impl PlaneScratch {
+    /// `V = Bᵀ d B` for the tiles of tile rows `ty..ty + rows` of one channel `src`
+    /// (`h × w`, read upsampled by `geo.up`), into `self.v`.
+    fn transform_input(&mut self, src: &[f32], geo: &TileGeom, ty: usize, rows: usize) {
         let (tw, w) = (geo.tw, geo.w);
-        let (even, odd) = (&mut self.even[..=tw], &mut self.odd[..=tw]);
-        let Some(iy) = iy else {
-            even.fill(0.0);
-            odd.fill(0.0);
-            return;
-        };
-        let row = &src[(iy / geo.up) * w..][..w];
-        if geo.up == 2 {
-            // Upsampled column q is row[q / 2]: even[t] = row[t − 1], odd[t] = row[t].
-            even[0] = 0.0;
-            even[1..=w].copy_from_slice(row);
-            odd[..w].copy_from_slice(row);
-            odd[w] = 0.0;
-        } else {
-            // even[t] = x[2t − 1], odd[t] = x[2t], 0 outside the row.
-            even[0] = 0.0;
-            even[tw] = 0.0;
-            odd[tw] = 0.0;
+        let w1 = tw + 1;
+        // Padded rows 2·ty ..= 2·(ty + rows) + 1: rows + 1 of each parity.
+        for (parity, (even, odd)) in self.split.iter_mut().enumerate() {
+            even.resize((rows + 1) * w1, 0.0);
+            odd.resize((rows + 1) * w1, 0.0);
+            for q in 0..=rows {
+                let (ev, od) = (&mut even[q * w1..][..w1], &mut odd[q * w1..][..w1]);
+                // Padded row p is input row p − 1.
+                let p = 2 * (ty + q) + parity;
+                let Some(iy) = p.checked_sub(1).filter(|&iy| iy < geo.ho) else {
+                    ev.fill(0.0);
+                    od.fill(0.0);
+                    continue;
+                };
+                let row = &src[(iy / geo.up) * w..][..w];
+                if geo.up == 2 {
+                    // Upsampled column q is row[q / 2]: even[t] = row[t − 1], odd[t] = row[t].
+                    ev[0] = 0.0;
+                    ev[1..=w].copy_from_slice(row);
+                    od[..w].copy_from_slice(row);
+                    od[w] = 0.0;
+                } else {
+                    ev[0] = 0.0;
+                    ev[tw] = 0.0;
+                    od[tw] = 0.0;
+                    dispatch(
+                        #[inline(always)]
+                        || {
+                            for ((o, e), pair) in
+                                od.iter_mut().zip(&mut ev[1..]).zip(row.chunks_exact(2))
+                            {
+                                *o = pair[0];
+                                *e = pair[1];
+                            }
+                        },
+                    );
+                    if w % 2 == 1 {
+                        od[w / 2] = row[w - 1];
+                    }
+                }
+            }
+        }
+        // Column transforms over whole planes (the last column of each row is unused).
+        let len = (rows + 1) * w1 - 1;
+        for (parity, (even, odd)) in self.split.iter().enumerate() {
+            let [c0, c1, c2, c3] = &mut self.cols[parity];
+            for c in [&mut *c0, &mut *c1, &mut *c2, &mut *c3] {
+                c.resize(len, 0.0);
+            }
+            let (ev, od) = (&even[..len + 1], &odd[..len + 1]);
             dispatch(
                 #[inline(always)]
                 || {
-                    for ((o, e), pair) in
-                        odd.iter_mut().zip(&mut even[1..]).zip(row.chunks_exact(2))
-                    {
-                        *o = pair[0];
-                        *e = pair[1];
+                    // Columns 2t..2t+3 of a padded row: even[t], odd[t], even[t+1], odd[t+1].
+                    let (c0, c1, c2, c3) = (
+                        &mut c0[..len],
+                        &mut c1[..len],
+                        &mut c2[..len],
+                        &mut c3[..len],
+                    );
+                    for t in 0..len {
+                        let (a, b, c, d) = (ev[t], od[t], ev[t + 1], od[t + 1]);
+                        c0[t] = a - c;
+                        c1[t] = b + c;
+                        c2[t] = c - b;
+                        c3[t] = b - d;
                     }
                 },
             );
-            if w % 2 == 1 {
-                odd[w / 2] = row[w - 1];
+        }
+        // Row transforms: tile row r uses padded rows 2r (even q = r), 2r + 1 (odd q = r),
+        // 2r + 2 (even q = r + 1) and 2r + 3 (odd q = r + 1).
+        let len = rows * w1 - 1;
+        for v in &mut self.v {
+            v.resize(len, 0.0);
+        }
+        let [ce, co] = &self.cols;
+        for j in 0..4 {
+            let (de, dn) = (&ce[j][..], &co[j][..]);
+            let [v0, v1, v2, v3] = {
+                let Ok(r) = self.v.get_disjoint_mut([j, 4 + j, 8 + j, 12 + j]) else {
+                    unreachable!()
+                };
+                r
+            };
+            dispatch(
+                #[inline(always)]
+                || {
+                    let (d0, d1) = (&de[..len], &dn[..len]);
+                    let (d2, d3) = (&de[w1..w1 + len], &dn[w1..w1 + len]);
+                    let (v0, v1, v2, v3) = (
+                        &mut v0[..len],
+                        &mut v1[..len],
+                        &mut v2[..len],
+                        &mut v3[..len],
+                    );
+                    for t in 0..len {
+                        v0[t] = d0[t] - d2[t];
+                        v1[t] = d1[t] + d2[t];
+                        v2[t] = d2[t] - d1[t];
+                        v3[t] = d1[t] - d3[t];
+                    }
+                },
+            );
+        }
+    }
+
+    /// Copies `self.v` (tile rows of `tw + 1` values, the last unused) into row `c` of the
+    /// 16 packed matrices, columns from `col` on.
+    #[allow(clippy::too_many_arguments)]
+    fn write_packed(
+        &self,
+        layout: &PackedLayout,
+        out: &mut [f32],
+        stride: usize,
+        c: usize,
+        col: usize,
+        rows: usize,
+        tw: usize,
+    ) {
+        let (w1, nr) = (tw + 1, layout.nr());
+        for r in 0..rows {
+            let mut t = 0;
+            while t < tw {
+                let j = col + r * tw + t;
+                let run = (nr - j % nr).min(tw - t);
+                let at = layout.offset(c, j);
+                for (xi, v) in self.v.iter().enumerate() {
+                    let src = &v[r * w1 + t..][..run];
+                    let dst = &mut out[xi * stride + at..][..run];
+                    for (d, s) in dst.iter_mut().zip(src) {
+                        *d = *s;
+                    }
+                }
+                t += run;
             }
         }
     }
 
-    /// The column transforms `d B` of the four input rows of tile row `ty` of one channel
-    /// `src` (`h × w`, read upsampled by `geo.up`), for [`Self::write_rows`].
-    fn transform_input(&mut self, src: &[f32], geo: &TileGeom, ty: usize) {
-        let tw = geo.tw;
-        debug_assert!(geo.up == 1 || geo.up == 2);
-        for i in 0..4 {
-            let iy = (2 * ty + i).checked_sub(1).filter(|&iy| iy < geo.ho);
-            self.split_row(src, geo, iy);
-            let (ev, od) = (&self.even[..=tw], &self.odd[..=tw]);
-            let Ok([e0, e1, e2, e3]) =
-                self.e
-                    .get_disjoint_mut([4 * i, 4 * i + 1, 4 * i + 2, 4 * i + 3])
-            else {
-                unreachable!()
-            };
-            // Columns 2t..2t+3 of the padded row are even[t], odd[t], even[t+1], odd[t+1].
-            dispatch(
-                #[inline(always)]
-                || {
-                    for t in 0..tw {
-                        let (a, b, c, d) = (ev[t], od[t], ev[t + 1], od[t + 1]);
-                        e0[t] = a - c;
-                        e1[t] = b + c;
-                        e2[t] = c - b;
-                        e3[t] = b - d;
-                    }
-                },
-            );
+    /// `Aᵀ m A + bias` of every tile of the block, `m[ξ][tile]`, into `self.out`.
+    fn transform_output(&mut self, m: &[&[f32]; XI], bias: f32) {
+        let n = m[0].len();
+        for a in self.ma.iter_mut().chain(self.out.iter_mut()) {
+            a.resize(n, 0.0);
         }
-    }
-
-    /// Writes the 16 transformed rows `v[ξ][t]` (from [`Self::transform_input`]'s column
-    /// transforms) for tiles `t` with `dst(t)` the offset of `(ξ = 0, t)` in `out` and
-    /// `stride` the distance between consecutive `ξ`; `runs` lists `(t, run, dst)` of
-    /// contiguous pieces.
-    fn write_rows(&self, runs: &[(usize, usize, usize)], out: &mut [f32], stride: usize) {
-        let e = &self.e;
+        let ma = &mut self.ma;
+        let out = &mut self.out;
         dispatch(
             #[inline(always)]
             || {
-                for &(t0, run, at) in runs {
-                    for j in 0..4 {
-                        let (r0, r1, r2, r3) = (
-                            &e[j][t0..t0 + run],
-                            &e[4 + j][t0..t0 + run],
-                            &e[8 + j][t0..t0 + run],
-                            &e[12 + j][t0..t0 + run],
-                        );
-                        let (head, rest) = out.split_at_mut(at + (4 + j) * stride);
-                        let w0 = &mut head[at + j * stride..][..run];
-                        let (w1, rest) = rest.split_at_mut((8 + j) * stride - (4 + j) * stride);
-                        let (w2, w3) = rest.split_at_mut(4 * stride);
-                        let (w1, w2, w3) = (&mut w1[..run], &mut w2[..run], &mut w3[..run]);
-                        for t in 0..run {
-                            w0[t] = r0[t] - r2[t];
-                            w1[t] = r1[t] + r2[t];
-                            w2[t] = r2[t] - r1[t];
-                            w3[t] = r1[t] - r3[t];
-                        }
-                    }
-                }
-            },
-        );
-    }
-
-    /// Writes `Aᵀ m A + bias` of every tile of tile row `ty` into the output plane `dst`
-    /// (`ho × wo`); `m[ξ][t]`.
-    ///
-    /// # Safety
-    /// `dst` must address an `ho × wo` plane.
-    unsafe fn transform_output(
-        &mut self,
-        m: &[&[f32]; XI],
-        bias: f32,
-        geo: &TileGeom,
-        ty: usize,
-        dst: *mut f32,
-    ) {
-        let tw = geo.tw;
-        let Ok(mut e) = self.e.get_disjoint_mut([0, 1, 2, 3, 4, 5, 6, 7]) else {
-            unreachable!()
-        };
-        let [a00, a01, a10, a11] = &mut self.out[..] else {
-            unreachable!()
-        };
-        dispatch(
-            #[inline(always)]
-            || {
-                // Row i of (M A) in e[2i] and e[2i + 1]: m_i0 + m_i1 + m_i2, m_i1 − m_i2 − m_i3.
-                for (i, pair) in e.chunks_exact_mut(2).enumerate() {
+                // Row i of (M A): m_i0 + m_i1 + m_i2 and m_i1 − m_i2 − m_i3.
+                for (i, pair) in ma.chunks_exact_mut(2).enumerate() {
                     let [c0, c1] = pair else { unreachable!() };
                     let (p0, p1, p2, p3) = (
-                        &m[4 * i][..tw],
-                        &m[4 * i + 1][..tw],
-                        &m[4 * i + 2][..tw],
-                        &m[4 * i + 3][..tw],
+                        &m[4 * i][..n],
+                        &m[4 * i + 1][..n],
+                        &m[4 * i + 2][..n],
+                        &m[4 * i + 3][..n],
                     );
-                    let (c0, c1) = (&mut c0[..tw], &mut c1[..tw]);
-                    for t in 0..tw {
+                    let (c0, c1) = (&mut c0[..n], &mut c1[..n]);
+                    for t in 0..n {
                         c0[t] = p0[t] + p1[t] + p2[t];
                         c1[t] = p1[t] - p2[t] - p3[t];
                     }
                 }
-                let e: [&[f32]; 8] = std::array::from_fn(|i| &e[i][..tw]);
-                let (a00, a01, a10, a11) = (
-                    &mut a00[..tw],
-                    &mut a01[..tw],
-                    &mut a10[..tw],
-                    &mut a11[..tw],
-                );
-                for t in 0..tw {
+                let e: [&[f32]; 8] = std::array::from_fn(|i| &ma[i][..n]);
+                let [a00, a01, a10, a11] = out;
+                let (a00, a01, a10, a11) =
+                    (&mut a00[..n], &mut a01[..n], &mut a10[..n], &mut a11[..n]);
+                for t in 0..n {
                     a00[t] = e[0][t] + e[2][t] + e[4][t] + bias;
                     a01[t] = e[1][t] + e[3][t] + e[5][t] + bias;
                     a10[t] = e[2][t] - e[4][t] - e[6][t] + bias;
@@ -380,24 +395,45 @@ impl RowScratch {
                 }
             },
         );
-        for (dy, (left, right)) in [(&*a00, &*a01), (&*a10, &*a11)].into_iter().enumerate() {
-            let oy = 2 * ty + dy;
-            if oy >= geo.ho {
-                break;
-            }
-            let row = std::slice::from_raw_parts_mut(dst.add(oy * geo.wo), geo.wo);
-            let pairs = geo.wo / 2;
-            dispatch(
-                #[inline(always)]
-                || {
-                    for (out, (&l, &r)) in row.chunks_exact_mut(2).zip(left.iter().zip(right)) {
-                        out[0] = l;
-                        out[1] = r;
-                    }
-                },
-            );
-            if geo.wo % 2 == 1 {
-                row[geo.wo - 1] = left[pairs];
+    }
+
+    /// Writes the outputs of tile rows `ty..ty + rows` (block columns from `col` on) into
+    /// the output plane `dst` (`ho × wo`).
+    ///
+    /// # Safety
+    /// `dst` must address an `ho × wo` plane.
+    unsafe fn write_output(
+        &self,
+        geo: &TileGeom,
+        ty: usize,
+        rows: usize,
+        col: usize,
+        dst: *mut f32,
+    ) {
+        let tw = geo.tw;
+        let pairs = geo.wo / 2;
+        for r in 0..rows {
+            let at = col + r * tw;
+            for dy in 0..2 {
+                let oy = 2 * (ty + r) + dy;
+                if oy >= geo.ho {
+                    break;
+                }
+                let left = &self.out[2 * dy][at..at + tw];
+                let right = &self.out[2 * dy + 1][at..at + tw];
+                let row = std::slice::from_raw_parts_mut(dst.add(oy * geo.wo), geo.wo);
+                dispatch(
+                    #[inline(always)]
+                    || {
+                        for (o, (&l, &r)) in row.chunks_exact_mut(2).zip(left.iter().zip(right)) {
+                            o[0] = l;
+                            o[1] = r;
+                        }
+                    },
+                );
+                if geo.wo % 2 == 1 {
+                    row[geo.wo - 1] = left[pairs];
+                }
             }
         }
     }
