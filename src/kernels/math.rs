@@ -5,8 +5,9 @@
 //! bits everywhere.
 
 use super::f32_values;
-use super::gemm::{active_simd, Simd};
+use super::gemm::{active_simd, kernel_threads, Simd};
 use candle_core::{CpuStorage, CustomOp1, Error, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 const LN2_HI: f32 = 0.693_145_75;
@@ -76,6 +77,26 @@ pub fn dispatch<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Elements from which an element-wise pass is split over the kernel threads.
+const PARALLEL_ELEMENTS: usize = 1 << 16;
+
+/// Runs `f(first, part)` on consecutive parts of `y` whose lengths are multiples of `unit`
+/// (`first` = index of the part's first element), on all kernel threads when `y` is long
+/// enough, else at once on this thread. Every element sees the same operations either way.
+pub(crate) fn for_each_part(y: &mut [f32], unit: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let unit = unit.max(1);
+    let threads = kernel_threads();
+    if threads > 1 && y.len() >= PARALLEL_ELEMENTS && y.len() > unit {
+        let units = y.len().div_ceil(unit);
+        let part = units.div_ceil(threads) * unit;
+        y.par_chunks_mut(part)
+            .enumerate()
+            .for_each(|(i, chunk)| f(i * part, chunk));
+    } else {
+        f(0, y);
+    }
+}
+
 /// Applies `f` to every element of `xs` in place, vectorised.
 #[inline(always)]
 pub fn map_in_place(xs: &mut [f32], f: impl Fn(f32) -> f32 + Copy) {
@@ -127,10 +148,10 @@ impl CustomOp1 for Pointwise {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let mut y = f32_values(s, l, self.name())?.to_vec();
-        match self {
-            Self::Silu => map_in_place(&mut y, silu),
-            Self::GeluErf => map_in_place(&mut y, gelu_erf),
-        }
+        for_each_part(&mut y, 1, |_, part| match self {
+            Self::Silu => map_in_place(part, silu),
+            Self::GeluErf => map_in_place(part, gelu_erf),
+        });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 }
@@ -167,15 +188,18 @@ impl candle_core::CustomOp2 for Add {
             )));
         }
         let mut y = a.to_vec();
-        dispatch(
-            #[inline(always)]
-            || y.iter_mut().zip(b).for_each(|(y, b)| *y += b),
-        );
+        for_each_part(&mut y, 1, |first, part| {
+            let b = &b[first..first + part.len()];
+            dispatch(
+                #[inline(always)]
+                || part.iter_mut().zip(b).for_each(|(y, b)| *y += b),
+            )
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 }
 
-/// `a + b` for F32 CPU tensors of one shape, on this thread (memory-bound; no thread pool).
+/// `a + b` for F32 CPU tensors of one shape (split over the kernel threads when large).
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &Add)
 }
@@ -213,28 +237,31 @@ impl CustomOp1 for ChannelAffine {
         }
         let spatial: usize = dims[2..].iter().product();
         let mut y = x.to_vec();
-        for (i, plane) in y.chunks_mut(spatial.max(1)).enumerate() {
-            let ch = i % c;
-            let (a, b) = (self.scale[ch], self.shift[ch]);
-            match &self.prelu {
-                Some(p) => {
-                    let p = p[ch];
-                    dispatch(
+        let spatial = spatial.max(1);
+        for_each_part(&mut y, spatial, |first, part| {
+            for (i, plane) in part.chunks_mut(spatial).enumerate() {
+                let ch = (first / spatial + i) % c;
+                let (a, b) = (self.scale[ch], self.shift[ch]);
+                match &self.prelu {
+                    Some(p) => {
+                        let p = p[ch];
+                        dispatch(
+                            #[inline(always)]
+                            || {
+                                plane.iter_mut().for_each(|x| {
+                                    let t = a * *x + b;
+                                    *x = if t > 0.0 { t } else { p * t };
+                                })
+                            },
+                        )
+                    }
+                    None => dispatch(
                         #[inline(always)]
-                        || {
-                            plane.iter_mut().for_each(|x| {
-                                let t = a * *x + b;
-                                *x = if t > 0.0 { t } else { p * t };
-                            })
-                        },
-                    )
+                        || plane.iter_mut().for_each(|x| *x = a * *x + b),
+                    ),
                 }
-                None => dispatch(
-                    #[inline(always)]
-                    || plane.iter_mut().for_each(|x| *x = a * *x + b),
-                ),
             }
-        }
+        });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 }

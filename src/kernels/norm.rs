@@ -150,7 +150,7 @@ impl CustomOp1 for GroupNormOp<'_> {
                 }
             }
         };
-        if kernel_threads() > 1 && x.len() >= 1 << 20 {
+        if kernel_threads() > 1 && x.len() >= 1 << 16 {
             y.par_chunks_mut(run)
                 .zip(x.par_chunks(run))
                 .enumerate()
