@@ -28,7 +28,7 @@ const BLOCK_TILES: usize = 256;
 pub(crate) const MIN_IMAGE_TILES: usize = 36;
 
 /// Fewest input and output channels for which they pay off.
-pub(crate) const MIN_CHANNELS: usize = 96;
+pub(crate) const MIN_CHANNELS: usize = 16;
 
 /// The kernel of a 3×3 convolution in the Winograd domain.
 #[derive(Debug, Clone)]
