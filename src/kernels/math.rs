@@ -8,6 +8,7 @@ use super::f32_values;
 use super::gemm::{active_simd, kernel_threads, Simd};
 use candle_core::{CpuStorage, CustomOp1, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 const LN2_HI: f32 = 0.693_145_75;
@@ -83,7 +84,7 @@ const PARALLEL_ELEMENTS: usize = 1 << 16;
 /// Runs `f(first, part)` on consecutive parts of `y` whose lengths are multiples of `unit`
 /// (`first` = index of the part's first element), on all kernel threads when `y` is long
 /// enough, else at once on this thread. Every element sees the same operations either way.
-pub(crate) fn for_each_part(y: &mut [f32], unit: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+pub(crate) fn for_each_part<T: Send>(y: &mut [T], unit: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     let unit = unit.max(1);
     let threads = kernel_threads();
     if threads > 1 && y.len() >= PARALLEL_ELEMENTS && y.len() > unit {
@@ -95,6 +96,38 @@ pub(crate) fn for_each_part(y: &mut [f32], unit: usize, f: impl Fn(usize, &mut [
     } else {
         f(0, y);
     }
+}
+
+/// A new vector `y` of `x.len()` values written part by part (parts as in
+/// [`for_each_part`]) by `f(first, x_part, y_part)`, which must write every value of
+/// `y_part`; `y` is never filled beforehand.
+pub(crate) fn map_parts(
+    x: &[f32],
+    unit: usize,
+    f: impl Fn(usize, &[f32], &mut [MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
+    let n = x.len();
+    let mut y: Vec<f32> = Vec::with_capacity(n);
+    for_each_part(&mut y.spare_capacity_mut()[..n], unit, |first, part| {
+        f(first, &x[first..first + part.len()], part)
+    });
+    // SAFETY: the parts cover all `n` values and `f` wrote each of them.
+    unsafe { y.set_len(n) };
+    y
+}
+
+/// `y = f(x)` element by element, vectorised.
+#[inline(always)]
+pub fn map_into(xs: &[f32], ys: &mut [MaybeUninit<f32>], f: impl Fn(f32) -> f32 + Copy) {
+    assert_eq!(xs.len(), ys.len(), "map_into: lengths differ");
+    dispatch(
+        #[inline(always)]
+        || {
+            ys.iter_mut().zip(xs).for_each(|(y, &x)| {
+                y.write(f(x));
+            })
+        },
+    )
 }
 
 /// Applies `f` to every element of `xs` in place, vectorised.
@@ -147,10 +180,10 @@ impl CustomOp1 for Pointwise {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let mut y = f32_values(s, l, self.name())?.to_vec();
-        for_each_part(&mut y, 1, |_, part| match self {
-            Self::Silu => map_in_place(part, silu),
-            Self::GeluErf => map_in_place(part, gelu_erf),
+        let x = f32_values(s, l, self.name())?;
+        let y = map_parts(x, 1, |_, xs, ys| match self {
+            Self::Silu => map_into(xs, ys, silu),
+            Self::GeluErf => map_into(xs, ys, gelu_erf),
         });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -187,12 +220,15 @@ impl candle_core::CustomOp2 for Add {
                 l2.dims()
             )));
         }
-        let mut y = a.to_vec();
-        for_each_part(&mut y, 1, |first, part| {
+        let y = map_parts(a, 1, |first, a, part| {
             let b = &b[first..first + part.len()];
             dispatch(
                 #[inline(always)]
-                || part.iter_mut().zip(b).for_each(|(y, b)| *y += b),
+                || {
+                    for ((y, a), b) in part.iter_mut().zip(a).zip(b) {
+                        y.write(a + b);
+                    }
+                },
             )
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -236,29 +272,24 @@ impl CustomOp1 for ChannelAffine {
             )));
         }
         let spatial: usize = dims[2..].iter().product();
-        let mut y = x.to_vec();
         let spatial = spatial.max(1);
-        for_each_part(&mut y, spatial, |first, part| {
-            for (i, plane) in part.chunks_mut(spatial).enumerate() {
+        let y = map_parts(x, spatial, |first, xs, ys| {
+            for (i, (xp, yp)) in xs.chunks(spatial).zip(ys.chunks_mut(spatial)).enumerate() {
                 let ch = (first / spatial + i) % c;
                 let (a, b) = (self.scale[ch], self.shift[ch]);
                 match &self.prelu {
                     Some(p) => {
                         let p = p[ch];
-                        dispatch(
-                            #[inline(always)]
-                            || {
-                                plane.iter_mut().for_each(|x| {
-                                    let t = a * *x + b;
-                                    *x = if t > 0.0 { t } else { p * t };
-                                })
-                            },
-                        )
+                        map_into(xp, yp, |x| {
+                            let t = a * x + b;
+                            if t > 0.0 {
+                                t
+                            } else {
+                                p * t
+                            }
+                        })
                     }
-                    None => dispatch(
-                        #[inline(always)]
-                        || plane.iter_mut().for_each(|x| *x = a * *x + b),
-                    ),
+                    None => map_into(xp, yp, |x| a * x + b),
                 }
             }
         });

@@ -6,6 +6,7 @@ use super::math::{dispatch, silu};
 use super::{f32_values, tensor_values};
 use candle_core::{CpuStorage, CustomOp1, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// A GroupNorm's affine parameters, as plain values.
 #[derive(Debug, Clone)]
@@ -114,8 +115,7 @@ impl CustomOp1 for GroupNormOp<'_> {
         }
         let cpg = c / w.groups;
         let run = (cpg * spatial).max(1);
-        let mut y = vec![0f32; x.len()];
-        let body = |(i, (y_g, x_g)): (usize, (&mut [f32], &[f32]))| {
+        let body = |(i, (y_g, x_g)): (usize, (&mut [MaybeUninit<f32>], &[f32]))| {
             let n = x_g.len().max(1) as f64;
             let mean = sum(x_g, |v| v as f64) / n;
             let var = sum(x_g, |v| {
@@ -140,27 +140,33 @@ impl CustomOp1 for GroupNormOp<'_> {
                     dispatch(
                         #[inline(always)]
                         || {
-                            ys.iter_mut()
-                                .zip(xs)
-                                .for_each(|(y, &x)| *y = silu(a * x + b))
+                            ys.iter_mut().zip(xs).for_each(|(y, &x)| {
+                                y.write(silu(a * x + b));
+                            })
                         },
                     );
                 } else {
-                    ys.iter_mut().zip(xs).for_each(|(y, &x)| *y = a * x + b);
+                    ys.iter_mut().zip(xs).for_each(|(y, &x)| {
+                        y.write(a * x + b);
+                    });
                 }
             }
         };
+        let mut y: Vec<f32> = Vec::with_capacity(x.len());
+        let out = &mut y.spare_capacity_mut()[..x.len()];
         if kernel_threads() > 1 && x.len() >= 1 << 16 {
-            y.par_chunks_mut(run)
+            out.par_chunks_mut(run)
                 .zip(x.par_chunks(run))
                 .enumerate()
                 .for_each(body);
         } else {
-            y.chunks_mut(run)
+            out.chunks_mut(run)
                 .zip(x.chunks(run))
                 .enumerate()
                 .for_each(body);
         }
+        // SAFETY: the groups cover every value and `body` writes each channel of its group.
+        unsafe { y.set_len(x.len()) };
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 }
