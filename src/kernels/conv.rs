@@ -12,6 +12,7 @@ use super::winograd::{self, WinogradWeights};
 use super::{f32_values, tensor_values};
 use candle_core::{CpuStorage, CustomOp1, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 /// Geometry of one convolution.
@@ -346,13 +347,30 @@ impl ConvWeights {
 
     /// Convolves contiguous images `x` (shape `dims`) into `y`.
     pub(crate) fn run(&self, x: &[f32], dims: &[usize], y: &mut [f32]) -> Result<Geom> {
+        // SAFETY: only values are ever written into the view.
+        let y = unsafe { &mut *(y as *mut [f32] as *mut [MaybeUninit<f32>]) };
         self.run_upsampled(x, dims, 1, y)
+    }
+
+    /// Runs [`Self::infer`] into a new buffer, written once (never zero-filled first).
+    fn infer_new(&self, x: &[f32], dims: &[usize], up: usize, len: usize) -> Result<Vec<f32>> {
+        let mut y = Vec::with_capacity(len);
+        self.infer(x, dims, up, &mut y.spare_capacity_mut()[..len])?;
+        // SAFETY: `infer` succeeded, so it wrote all `len` values.
+        unsafe { y.set_len(len) };
+        Ok(y)
     }
 
     /// Like [`Self::run_upsampled`], but by Winograd's F(2×2, 3×3) where that is faster
     /// (3×3 kernels, stride 1, padding 1, wide enough layers, large enough images).
     /// Inference only: results differ from the direct product by rounding.
-    fn infer(&self, x: &[f32], dims: &[usize], up: usize, y: &mut [f32]) -> Result<Geom> {
+    fn infer(
+        &self,
+        x: &[f32],
+        dims: &[usize],
+        up: usize,
+        y: &mut [MaybeUninit<f32>],
+    ) -> Result<Geom> {
         let [cout, cin, k, _] = self.dims;
         if let &[b, c, h, w] = dims {
             // Decided per image, so that an image gives the same bits in any batch.
@@ -373,7 +391,7 @@ impl ConvWeights {
                         std::array::from_fn(|i| self.packed.value(o, c * 9 + i))
                     })
                 });
-                wg.run(x, b, (h, w), up, self.bias.as_deref(), y, kernel_threads());
+                wg.run_unfilled(x, b, (h, w), up, self.bias.as_deref(), y, kernel_threads());
                 return Geom::new(&[b, c, h * up, w * up], &self.dims, 1, 1);
             }
         }
@@ -381,7 +399,13 @@ impl ConvWeights {
     }
 
     /// Convolves the nearest-neighbour ×`up` upsampling of `x` (shape `dims`) into `y`.
-    fn run_upsampled(&self, x: &[f32], dims: &[usize], up: usize, y: &mut [f32]) -> Result<Geom> {
+    fn run_upsampled(
+        &self,
+        x: &[f32],
+        dims: &[usize],
+        up: usize,
+        y: &mut [MaybeUninit<f32>],
+    ) -> Result<Geom> {
         let &[b, c, h, w] = dims else {
             return Err(Error::Msg(format!("conv2d: input {dims:?} must be 4-d")));
         };
@@ -391,7 +415,7 @@ impl ConvWeights {
         }
         let bias = self.bias.as_deref();
         let (n, threads) = (g.pixels(), kernel_threads());
-        let out = Output::batch(y, g.cout, n);
+        let out = Output::batch_unfilled(y, g.cout, n);
         if g.trivial_cols() && up == 1 {
             let src = Matrix::batch(x, g.cin, n);
             gemm(&self.packed, &src, g.b * n, out, false, bias, threads);
@@ -411,8 +435,7 @@ impl CustomOp1 for ConvWeights {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_values(s, l, "conv2d input")?;
         let g = Geom::new(l.dims(), &self.dims, self.stride, self.pad)?;
-        let mut y = vec![0f32; g.b * g.out_len()];
-        self.infer(x, l.dims(), 1, &mut y)?;
+        let y = self.infer_new(x, l.dims(), 1, g.b * g.out_len())?;
         Ok((CpuStorage::F32(y), Shape::from((g.b, g.cout, g.ho, g.wo))))
     }
 }
@@ -439,8 +462,7 @@ impl CustomOp1 for Upsampled2<'_> {
             self.0.stride,
             self.0.pad,
         )?;
-        let mut y = vec![0f32; g.b * g.out_len()];
-        self.0.infer(x, l.dims(), 2, &mut y)?;
+        let y = self.0.infer_new(x, l.dims(), 2, g.b * g.out_len())?;
         Ok((CpuStorage::F32(y), Shape::from((g.b, g.cout, g.ho, g.wo))))
     }
 }

@@ -13,6 +13,8 @@
 
 use rayon::prelude::*;
 use std::cell::RefCell;
+use std::marker::PhantomData;
+use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 
@@ -377,8 +379,10 @@ impl PanelSource for Matrix<'_> {
 /// `(j / group)·group_stride + i·rs + (j % group)·cs` of `data`.
 #[derive(Debug)]
 pub struct Output<'a> {
-    /// The values.
-    pub data: &'a mut [f32],
+    ptr: *mut f32,
+    len: usize,
+    /// Whether every element holds a value (otherwise the product may only overwrite).
+    filled: bool,
     /// Row stride.
     pub rs: usize,
     /// Column stride within a group.
@@ -387,40 +391,51 @@ pub struct Output<'a> {
     pub group: usize,
     /// Distance between groups.
     pub group_stride: usize,
+    _data: PhantomData<&'a mut [f32]>,
 }
 
 impl<'a> Output<'a> {
+    fn over(data: &'a mut [f32], rs: usize, cs: usize, group: usize, group_stride: usize) -> Self {
+        Self {
+            ptr: data.as_mut_ptr(),
+            len: data.len(),
+            filled: true,
+            rs,
+            cs,
+            group,
+            group_stride,
+            _data: PhantomData,
+        }
+    }
+
     /// A row-major matrix with row stride `ldc`.
     pub fn new(data: &'a mut [f32], ldc: usize) -> Self {
-        Self {
-            data,
-            rs: ldc,
-            cs: 1,
-            group: usize::MAX,
-            group_stride: 0,
-        }
+        Self::over(data, ldc, 1, usize::MAX, 0)
     }
 
     /// A batch of row-major `rows × cols` matrices, one per group of `cols` columns.
     pub fn batch(data: &'a mut [f32], rows: usize, cols: usize) -> Self {
+        Self::over(data, cols, 1, cols.max(1), rows * cols)
+    }
+
+    /// [`Output::batch`] over memory not yet filled: a product that does not accumulate
+    /// writes every element of it.
+    pub fn batch_unfilled(data: &'a mut [MaybeUninit<f32>], rows: usize, cols: usize) -> Self {
         Self {
-            data,
+            ptr: data.as_mut_ptr() as *mut f32,
+            len: data.len(),
+            filled: false,
             rs: cols,
             cs: 1,
             group: cols.max(1),
             group_stride: rows * cols,
+            _data: PhantomData,
         }
     }
 
     /// The transpose of a row-major `cols × rows` matrix (row `j` holds column `j`).
     pub fn transposed(data: &'a mut [f32], rows: usize) -> Self {
-        Self {
-            data,
-            rs: 1,
-            cs: rows,
-            group: usize::MAX,
-            group_stride: 0,
-        }
+        Self::over(data, 1, rows, usize::MAX, 0)
     }
 
     fn offset(&self, i: usize, j: usize) -> usize {
@@ -500,7 +515,11 @@ pub fn gemm_with(
         .offset(m - 1, n - 1)
         .max(c.offset(0, n - 1))
         .max(c.offset(m - 1, 0));
-    assert!(last < c.data.len(), "gemm: C too small");
+    assert!(last < c.len, "gemm: C too small");
+    assert!(
+        c.filled || !accumulate,
+        "gemm: cannot accumulate into unfilled memory"
+    );
     assert!(simd.supported(), "gemm: {simd:?} is not supported here");
     if let Some(bias) = bias {
         assert_eq!(bias.len(), m, "gemm: bias length");
@@ -533,7 +552,7 @@ pub fn gemm_with(
         .filter(|&(n0, n1, i0, i1)| n0 < n1 && i0 < i1)
         .collect();
     let out = RawOutput {
-        ptr: c.data.as_mut_ptr() as usize,
+        ptr: c.ptr as usize,
         rs: c.rs,
         cs: c.cs,
         group: c.group,

@@ -15,6 +15,7 @@ use super::gemm::{gemm, Output, PackedA, PackedLayout, Prepacked};
 use super::math::dispatch;
 use rayon::prelude::*;
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 
 /// Values of a transformed tile (4 × 4).
 const XI: usize = 16;
@@ -70,6 +71,23 @@ impl WinogradWeights {
         up: usize,
         bias: Option<&[f32]>,
         y: &mut [f32],
+        threads: usize,
+    ) {
+        // SAFETY: only values are ever written into the view.
+        let y = unsafe { &mut *(y as *mut [f32] as *mut [MaybeUninit<f32>]) };
+        self.run_unfilled(x, b, (h, w), up, bias, y, threads)
+    }
+
+    /// [`Self::run`] into memory not yet filled; every value of `y` is written.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn run_unfilled(
+        &self,
+        x: &[f32],
+        b: usize,
+        (h, w): (usize, usize),
+        up: usize,
+        bias: Option<&[f32]>,
+        y: &mut [MaybeUninit<f32>],
         threads: usize,
     ) {
         let (ho, wo) = (h * up, w * up);
