@@ -376,7 +376,7 @@ impl PanelSource for Matrix<'_> {
 }
 
 /// Where the product goes: element `(i, j)` at
-/// `(j / group)·group_stride + i·rs + (j % group)·cs` of `data`.
+/// `(j / group)·group_stride + i·rs + (j % group)·cs` of the values it borrows.
 #[derive(Debug)]
 pub struct Output<'a> {
     ptr: *mut f32,
