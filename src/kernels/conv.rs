@@ -371,31 +371,36 @@ impl ConvWeights {
         up: usize,
         y: &mut [MaybeUninit<f32>],
     ) -> Result<Geom> {
-        let [cout, cin, k, _] = self.dims;
-        if let &[b, c, h, w] = dims {
-            // Decided per image, so that an image gives the same bits in any batch.
-            let tiles = (h * up).div_ceil(2) * (w * up).div_ceil(2);
-            let fits =
-                c == cin && x.len() == b * c * h * w && y.len() == b * cout * h * w * up * up;
-            if k == 3
-                && self.stride == 1
-                && self.pad == 1
-                && (up == 1 || up == 2)
-                && fits
-                && cin >= winograd::MIN_CHANNELS
-                && cout >= winograd::MIN_CHANNELS
-                && tiles >= winograd::MIN_IMAGE_TILES
-            {
-                let wg = self.winograd.get_or_init(|| {
-                    WinogradWeights::new(cout, cin, |o, c| {
-                        std::array::from_fn(|i| self.packed.value(o, c * 9 + i))
-                    })
-                });
-                wg.run_unfilled(x, b, (h, w), up, self.bias.as_deref(), y, kernel_threads());
-                return Geom::new(&[b, c, h * up, w * up], &self.dims, 1, 1);
-            }
+        let g = self.checked_geom(x, dims, up, y)?;
+        // Decided per image, so that an image gives the same bits in any batch.
+        let tiles = g.ho.div_ceil(2) * g.wo.div_ceil(2);
+        if g.k == 3
+            && g.stride == 1
+            && g.pad == 1
+            && (up == 1 || up == 2)
+            && g.cin >= winograd::MIN_CHANNELS
+            && g.cout >= winograd::MIN_CHANNELS
+            && tiles >= winograd::MIN_IMAGE_TILES
+        {
+            let wg = self.winograd.get_or_init(|| {
+                WinogradWeights::new(g.cout, g.cin, |o, c| {
+                    std::array::from_fn(|i| self.packed.value(o, c * 9 + i))
+                })
+            });
+            let (h, w) = (g.h / up, g.w / up);
+            wg.run_unfilled(
+                x,
+                g.b,
+                (h, w),
+                up,
+                self.bias.as_deref(),
+                y,
+                kernel_threads(),
+            );
+        } else {
+            self.direct(x, &g, up, y);
         }
-        self.run_upsampled(x, dims, up, y)
+        Ok(g)
     }
 
     /// Convolves the nearest-neighbour ×`up` upsampling of `x` (shape `dims`) into `y`.
@@ -406,6 +411,20 @@ impl ConvWeights {
         up: usize,
         y: &mut [MaybeUninit<f32>],
     ) -> Result<Geom> {
+        let g = self.checked_geom(x, dims, up, y)?;
+        self.direct(x, &g, up, y);
+        Ok(g)
+    }
+
+    /// The geometry of convolving the ×`up` upsampling of `x` (shape `dims`) into `y`, or
+    /// an error when the shapes or buffer sizes do not fit.
+    fn checked_geom(
+        &self,
+        x: &[f32],
+        dims: &[usize],
+        up: usize,
+        y: &[MaybeUninit<f32>],
+    ) -> Result<Geom> {
         let &[b, c, h, w] = dims else {
             return Err(Error::Msg(format!("conv2d: input {dims:?} must be 4-d")));
         };
@@ -413,6 +432,11 @@ impl ConvWeights {
         if y.len() != g.b * g.out_len() || x.len() * up * up != g.b * g.in_len() {
             return Err(Error::Msg("conv2d: buffer sizes do not match".into()));
         }
+        Ok(g)
+    }
+
+    /// The packed product `W · cols(x)` for a checked geometry.
+    fn direct(&self, x: &[f32], g: &Geom, up: usize, y: &mut [MaybeUninit<f32>]) {
         let bias = self.bias.as_deref();
         let (n, threads) = (g.pixels(), kernel_threads());
         let out = Output::batch_unfilled(y, g.cout, n);
@@ -420,10 +444,9 @@ impl ConvWeights {
             let src = Matrix::batch(x, g.cin, n);
             gemm(&self.packed, &src, g.b * n, out, false, bias, threads);
         } else {
-            let src = Im2col { g: &g, x, up };
+            let src = Im2col { g, x, up };
             gemm(&self.packed, &src, g.b * n, out, false, bias, threads);
         }
-        Ok(g)
     }
 }
 

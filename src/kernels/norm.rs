@@ -1,11 +1,9 @@
 //! GroupNorm for inference in one op: statistics, affine, an optional per-sample channel
 //! modulation `· (1 + scale) + shift` and an optional SiLU, in two passes over each group.
 
-use super::gemm::kernel_threads;
-use super::math::{dispatch, silu};
+use super::math::{dispatch, map_parts, silu};
 use super::{f32_values, tensor_values};
 use candle_core::{CpuStorage, CustomOp1, Error, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 /// A GroupNorm's affine parameters, as plain values.
@@ -152,21 +150,13 @@ impl CustomOp1 for GroupNormOp<'_> {
                 }
             }
         };
-        let mut y: Vec<f32> = Vec::with_capacity(x.len());
-        let out = &mut y.spare_capacity_mut()[..x.len()];
-        if kernel_threads() > 1 && x.len() >= 1 << 16 {
-            out.par_chunks_mut(run)
-                .zip(x.par_chunks(run))
+        // Parts of whole groups; the body writes every channel of its group.
+        let y = map_parts(x, run, |first, xs, ys| {
+            ys.chunks_mut(run)
+                .zip(xs.chunks(run))
                 .enumerate()
-                .for_each(body);
-        } else {
-            out.chunks_mut(run)
-                .zip(x.chunks(run))
-                .enumerate()
-                .for_each(body);
-        }
-        // SAFETY: the groups cover every value and `body` writes each channel of its group.
-        unsafe { y.set_len(x.len()) };
+                .for_each(|(i, pair)| body((first / run + i, pair)))
+        });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 }

@@ -278,32 +278,18 @@ impl PlaneScratch {
                 }
             }
         }
-        // Column transforms over whole planes (the last column of each row is unused).
+        // Column transforms over whole planes (the last column of each row is unused):
+        // columns 2t..2t+3 of a padded row are even[t], odd[t], even[t+1], odd[t+1].
         let len = (rows + 1) * w1 - 1;
         for (parity, (even, odd)) in self.split.iter().enumerate() {
-            let [c0, c1, c2, c3] = &mut self.cols[parity];
-            for c in [&mut *c0, &mut *c1, &mut *c2, &mut *c3] {
+            let cols = &mut self.cols[parity];
+            for c in cols.iter_mut() {
                 c.resize(len, 0.0);
             }
-            let (ev, od) = (&even[..len + 1], &odd[..len + 1]);
-            dispatch(
-                #[inline(always)]
-                || {
-                    // Columns 2t..2t+3 of a padded row: even[t], odd[t], even[t+1], odd[t+1].
-                    let (c0, c1, c2, c3) = (
-                        &mut c0[..len],
-                        &mut c1[..len],
-                        &mut c2[..len],
-                        &mut c3[..len],
-                    );
-                    for t in 0..len {
-                        let (a, b, c, d) = (ev[t], od[t], ev[t + 1], od[t + 1]);
-                        c0[t] = a - c;
-                        c1[t] = b + c;
-                        c2[t] = c - b;
-                        c3[t] = b - d;
-                    }
-                },
+            let [c0, c1, c2, c3] = cols;
+            transform_b(
+                [&even[..len], &odd[..len], &even[1..=len], &odd[1..=len]],
+                [c0, c1, c2, c3],
             );
         }
         // Row transforms: tile row r uses padded rows 2r (even q = r), 2r + 1 (odd q = r),
@@ -314,31 +300,13 @@ impl PlaneScratch {
         }
         let [ce, co] = &self.cols;
         for j in 0..4 {
-            let (de, dn) = (&ce[j][..], &co[j][..]);
-            let [v0, v1, v2, v3] = {
-                let Ok(r) = self.v.get_disjoint_mut([j, 4 + j, 8 + j, 12 + j]) else {
-                    unreachable!()
-                };
-                r
+            let (de, dn) = (&ce[j], &co[j]);
+            let Ok([v0, v1, v2, v3]) = self.v.get_disjoint_mut([j, 4 + j, 8 + j, 12 + j]) else {
+                unreachable!()
             };
-            dispatch(
-                #[inline(always)]
-                || {
-                    let (d0, d1) = (&de[..len], &dn[..len]);
-                    let (d2, d3) = (&de[w1..w1 + len], &dn[w1..w1 + len]);
-                    let (v0, v1, v2, v3) = (
-                        &mut v0[..len],
-                        &mut v1[..len],
-                        &mut v2[..len],
-                        &mut v3[..len],
-                    );
-                    for t in 0..len {
-                        v0[t] = d0[t] - d2[t];
-                        v1[t] = d1[t] + d2[t];
-                        v2[t] = d2[t] - d1[t];
-                        v3[t] = d1[t] - d3[t];
-                    }
-                },
+            transform_b(
+                [&de[..len], &dn[..len], &de[w1..w1 + len], &dn[w1..w1 + len]],
+                [v0, v1, v2, v3],
             );
         }
     }
@@ -455,6 +423,31 @@ impl PlaneScratch {
             }
         }
     }
+}
+
+/// `(d0 − d2, d1 + d2, d2 − d1, d1 − d3)` element by element (`Bᵀ d`, one 1-d pass of the
+/// input transform), over the length of `d0`.
+fn transform_b([d0, d1, d2, d3]: [&[f32]; 4], out: [&mut Vec<f32>; 4]) {
+    let len = d0.len();
+    let [v0, v1, v2, v3] = out;
+    dispatch(
+        #[inline(always)]
+        || {
+            let (d1, d2, d3) = (&d1[..len], &d2[..len], &d3[..len]);
+            let (v0, v1, v2, v3) = (
+                &mut v0[..len],
+                &mut v1[..len],
+                &mut v2[..len],
+                &mut v3[..len],
+            );
+            for t in 0..len {
+                v0[t] = d0[t] - d2[t];
+                v1[t] = d1[t] + d2[t];
+                v2[t] = d2[t] - d1[t];
+                v3[t] = d1[t] - d3[t];
+            }
+        },
+    );
 }
 
 /// `U = G g Gᵀ` of a 3×3 kernel `g` (row-major), computed in f64.
