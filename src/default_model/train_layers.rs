@@ -104,6 +104,30 @@ pub fn packed_inference(x: &Tensor, weight: &Tensor) -> bool {
         && current_kernels() == TrainKernels::Fused
 }
 
+/// `weight · x_b + bias` at every position of a `(B, in, N)` sequence (weight `(out, in)` or
+/// `(out, in, 1)`, bias `(out)`) as a 1×1 convolution with the fused training backward;
+/// `None` when `x` is not on the fused training path.
+pub fn fused_channels_linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> Option<Result<Tensor>> {
+    if x.rank() != 3 || !fused(x, Some(weight)) {
+        return None;
+    }
+    let run = || {
+        let (out, inp) = (weight.dim(0)?, weight.dim(1)?);
+        let w = weight.reshape((out, inp, 1, 1))?;
+        let y = crate::train::conv::conv2d(&x.unsqueeze(3)?, &w, 1, 0)?;
+        let y = match bias {
+            Some(b) => add_channel_bias(&y, b)?,
+            None => y,
+        };
+        y.squeeze(3)
+    };
+    Some(run())
+}
+
 /// A 2-D convolution with candle's parameter names (`weight`, `bias`).
 #[derive(Debug, Clone)]
 pub struct Conv2d {
@@ -246,6 +270,9 @@ impl Linear {
     pub fn forward_channels(&self, x: &Tensor) -> Result<Tensor> {
         if packed_inference(x, self.inner.weight()) {
             return self.packed(|p| p.forward_channels(x));
+        }
+        if let Some(y) = fused_channels_linear(x, self.inner.weight(), self.inner.bias()) {
+            return y;
         }
         self.inner
             .forward(&x.transpose(1, 2)?.contiguous()?)?
@@ -455,5 +482,56 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The fused 1×1 projection of a `(B, in, N)` sequence against candle's ops: values
+    /// and the gradients of input, weight and bias; off the training path it declines.
+    #[test]
+    fn fused_channels_linear_matches_candle_conv1d() {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 1.0, (3, 5, 7), &dev).unwrap();
+        let w = Var::randn(0f32, 1.0, (4, 5, 1), &dev).unwrap();
+        let bias = Var::randn(0f32, 1.0, 4, &dev).unwrap();
+        let ours = fused_channels_linear(x.as_tensor(), w.as_tensor(), Some(bias.as_tensor()))
+            .expect("a tracked CPU input takes the fused path")
+            .unwrap();
+        // y_b = W · x_b + bias from candle's matmul and broadcast add (candle 0.11's `Conv1d`
+        // has the right values but a wrong backward for batches of more than one sequence).
+        let theirs = w
+            .as_tensor()
+            .squeeze(2)
+            .unwrap()
+            .broadcast_matmul(x.as_tensor())
+            .unwrap()
+            .broadcast_add(&bias.as_tensor().reshape((1, 4, 1)).unwrap())
+            .unwrap();
+        assert_eq!(ours.dims(), &[3, 4, 7]);
+        assert!(max_diff(&ours, &theirs) < 1e-5);
+        let probe = Tensor::randn(0f32, 1.0, (3, 4, 7), &dev).unwrap();
+        let g_ours = (&ours * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g_theirs = (&theirs * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&x, &w, &bias] {
+            let (a, b) = (
+                g_ours.get(v.as_tensor()).unwrap(),
+                g_theirs.get(v.as_tensor()).unwrap(),
+            );
+            assert!(
+                max_diff(a, b) <= 1e-4 * max_abs(b).max(1.0),
+                "{:?}",
+                v.dims()
+            );
+        }
+        let plain = x.as_tensor().detach();
+        assert!(fused_channels_linear(&plain, &w.as_tensor().detach(), None).is_none());
     }
 }

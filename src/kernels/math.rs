@@ -54,6 +54,21 @@ pub fn gelu_erf(x: f32) -> f32 {
     (erf(x * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * x
 }
 
+/// `d/dx [x · σ(x)] = σ(x) · (1 + x · (1 − σ(x)))`.
+#[inline(always)]
+pub fn silu_derivative(x: f32) -> f32 {
+    let s = 1.0 / (1.0 + exp(-x));
+    s * (1.0 + x * (1.0 - s))
+}
+
+/// `d/dx [x · Φ(x)] = Φ(x) + x · φ(x)`.
+#[inline(always)]
+pub fn gelu_erf_derivative(x: f32) -> f32 {
+    let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+    let pdf = exp(-0.5 * x * x) * 0.398_942_3;
+    cdf + x * pdf
+}
+
 /// Runs `f` compiled for the active instruction set (the body must be `#[inline(always)]`
 /// code so that it is vectorised inside each wrapper).
 #[inline]
@@ -126,6 +141,30 @@ pub fn map_into(xs: &[f32], ys: &mut [MaybeUninit<f32>], f: impl Fn(f32) -> f32 
             ys.iter_mut().zip(xs).for_each(|(y, &x)| {
                 y.write(f(x));
             })
+        },
+    )
+}
+
+/// `y = f(a, b)` element by element, vectorised.
+#[inline(always)]
+pub fn zip_map_into(
+    a: &[f32],
+    b: &[f32],
+    ys: &mut [MaybeUninit<f32>],
+    f: impl Fn(f32, f32) -> f32 + Copy,
+) {
+    assert!(
+        a.len() == ys.len() && b.len() == ys.len(),
+        "zip_map_into: lengths differ"
+    );
+    dispatch(
+        #[inline(always)]
+        || {
+            let n = ys.len();
+            let (a, b) = (&a[..n], &b[..n]);
+            for i in 0..n {
+                ys[i].write(f(a[i], b[i]));
+            }
         },
     )
 }

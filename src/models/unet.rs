@@ -8,8 +8,9 @@ use candle_core::{DType, Module, Result, Tensor};
 // `Conv2d` with a fast CPU training path; identical to candle's at inference.
 use crate::default_model::train_layers::{conv2d, gelu_erf, group_norm, silu, Conv2d, GroupNorm};
 use crate::default_model::train_layers::{conv_transpose2d, ConvTranspose2d};
+use crate::default_model::train_layers::{current_kernels, with_kernels};
+use crate::default_model::train_layers::{fused_channels_linear, packed_inference, residual_add};
 use crate::default_model::train_layers::{linear, Linear};
-use crate::default_model::train_layers::{packed_inference, residual_add};
 use crate::kernels::attention::AttentionWeights;
 use crate::kernels::norm::Epilogue;
 use crate::kernels::PackedCache;
@@ -347,9 +348,9 @@ impl Attention {
         let scale = 1.0 / (d as f64).sqrt().sqrt();
         let dtype = x.dtype();
         // (B*h, d, N)
-        let q = (self.to_q.forward(x)? * scale)?.reshape((b * self.heads, d, nq))?;
-        let k = (self.to_k.forward(kv)? * scale)?.reshape((b * self.heads, d, nk))?;
-        let v = self.to_v.forward(kv)?.reshape((b * self.heads, d, nk))?;
+        let q = (project(&self.to_q, x)? * scale)?.reshape((b * self.heads, d, nq))?;
+        let k = (project(&self.to_k, kv)? * scale)?.reshape((b * self.heads, d, nk))?;
+        let v = project(&self.to_v, kv)?.reshape((b * self.heads, d, nk))?;
         // weights (B*h, Nq, Nk) = qᵀk, softmax over keys in f32.
         let w = q.transpose(1, 2)?.contiguous()?.matmul(&k.contiguous()?)?;
         let w = w.to_dtype(DType::F32)?;
@@ -365,7 +366,24 @@ impl Attention {
         // out (B*h, d, Nq) = v · wᵀ
         let out = v.contiguous()?.matmul(&w.transpose(1, 2)?.contiguous()?)?;
         let out = out.reshape((b, c, nq))?;
-        self.proj_out.forward(&out)
+        project(&self.proj_out, &out)
+    }
+}
+
+/// A 1×1 `Conv1d` projection of `(B, C, N)`: the fused training convolution when a gradient
+/// is tracked on the CPU, a batched matmul for other training (candle 0.11's `conv1d`
+/// backward is wrong for batches of more than one sequence), candle's `Conv1d` at inference.
+fn project(conv: &Conv1d, x: &Tensor) -> Result<Tensor> {
+    if let Some(y) = fused_channels_linear(x, conv.weight(), conv.bias()) {
+        return y;
+    }
+    if !x.track_op() && !conv.weight().track_op() {
+        return conv.forward(x);
+    }
+    let y = conv.weight().squeeze(2)?.broadcast_matmul(x)?;
+    match conv.bias() {
+        Some(b) => y.broadcast_add(&b.reshape((1, (), 1))?),
+        None => Ok(y),
     }
 }
 
@@ -700,9 +718,11 @@ impl ConditionalUNet {
         let starts: Vec<usize> = (0..b).step_by(per_part).collect();
         let parts = if parallel {
             use rayon::prelude::*;
+            // The parts run on other threads: with this thread's choice of training kernels.
+            let kernels = current_kernels();
             starts
                 .into_par_iter()
-                .map(part)
+                .map(|start| with_kernels(kernels, || part(start)))
                 .collect::<Result<Vec<_>>>()?
         } else {
             starts.into_iter().map(part).collect::<Result<Vec<_>>>()?

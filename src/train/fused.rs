@@ -20,7 +20,7 @@
 //! unchanged.
 
 use crate::kernels::f32_values;
-use candle_core::cpu::erf::erf_f32;
+use crate::kernels::math::{self, map_into, map_parts, zip_map_into};
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Error, Layout, Module, ModuleT, Result,
     Shape, Tensor, Var,
@@ -677,29 +677,6 @@ pub enum Activation {
     GeluErf,
 }
 
-impl Activation {
-    fn value(self, x: f32) -> f32 {
-        match self {
-            Self::Silu => x / (1.0 + (-x).exp()),
-            Self::GeluErf => (erf_f32(x * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * x,
-        }
-    }
-
-    fn derivative(self, x: f32) -> f32 {
-        match self {
-            Self::Silu => {
-                let s = 1.0 / (1.0 + (-x).exp());
-                s * (1.0 + x * (1.0 - s))
-            }
-            Self::GeluErf => {
-                let cdf = 0.5 * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2));
-                let pdf = (-0.5 * x * x).exp() * 0.398_942_3;
-                cdf + x * pdf
-            }
-        }
-    }
-}
-
 /// Forward op `x → f(x)`.
 struct ActivationOp(Activation);
 
@@ -710,10 +687,10 @@ impl CustomOp1 for ActivationOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_values(s, l, "fused op: input")?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(4096)
-            .zip(x.par_chunks(4096))
-            .for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(y, &x)| *y = self.0.value(x)));
+        let y = map_parts(x, 1, |_, xs, ys| match self.0 {
+            Activation::Silu => map_into(xs, ys, math::silu),
+            Activation::GeluErf => map_into(xs, ys, math::gelu_erf),
+        });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -747,14 +724,15 @@ impl CustomOp2 for ActivationBwdOp {
         if x.len() != dy.len() {
             return Err(Error::Msg("activation backward: shape mismatch".into()));
         }
-        let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(4096)
-            .zip(x.par_chunks(4096).zip(dy.par_chunks(4096)))
-            .for_each(|(dx, (x, dy))| {
-                for ((d, &x), &g) in dx.iter_mut().zip(x).zip(dy) {
-                    *d = g * self.0.derivative(x);
+        let dx = map_parts(x, 1, |first, xs, ds| {
+            let dy = &dy[first..first + ds.len()];
+            match self.0 {
+                Activation::Silu => zip_map_into(xs, dy, ds, |x, g| g * math::silu_derivative(x)),
+                Activation::GeluErf => {
+                    zip_map_into(xs, dy, ds, |x, g| g * math::gelu_erf_derivative(x))
                 }
-            });
+            }
+        });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
