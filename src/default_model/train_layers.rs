@@ -21,7 +21,7 @@ use crate::kernels::linear::LinearWeights;
 use crate::kernels::math::{pointwise, Pointwise};
 use crate::kernels::norm::{Epilogue, GroupNormWeights};
 use crate::kernels::PackedCache;
-use crate::train::fused::{activation, add_channel_bias, group_norm as group_norm_op, Activation};
+use crate::train::fused::{activation, group_norm as group_norm_op, Activation};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, VarBuilder};
 use std::cell::Cell;
@@ -118,12 +118,7 @@ pub fn fused_channels_linear(
     let run = || {
         let (out, inp) = (weight.dim(0)?, weight.dim(1)?);
         let w = weight.reshape((out, inp, 1, 1))?;
-        let y = crate::train::conv::conv2d(&x.unsqueeze(3)?, &w, 1, 0)?;
-        let y = match bias {
-            Some(b) => add_channel_bias(&y, b)?,
-            None => y,
-        };
-        y.squeeze(3)
+        crate::train::conv::conv2d(&x.unsqueeze(3)?, &w, bias, 1, 0)?.squeeze(3)
     };
     Some(run())
 }
@@ -219,11 +214,7 @@ impl Module for Conv2d {
         if !fused(x, Some(weight)) {
             return im2col_conv(x, weight, bias, cfg.padding, cfg.stride);
         }
-        let y = crate::train::conv::conv2d(x, weight, cfg.stride, cfg.padding)?;
-        match bias {
-            Some(b) => add_channel_bias(&y, b),
-            None => Ok(y),
-        }
+        crate::train::conv::conv2d(x, weight, bias, cfg.stride, cfg.padding)
     }
 }
 

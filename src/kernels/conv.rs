@@ -345,11 +345,16 @@ impl ConvWeights {
         x.contiguous()?.apply_op1_no_bwd(&Upsampled2(self))
     }
 
-    /// Convolves contiguous images `x` (shape `dims`) into `y`.
-    pub(crate) fn run(&self, x: &[f32], dims: &[usize], y: &mut [f32]) -> Result<Geom> {
-        // SAFETY: only values are ever written into the view.
-        let y = unsafe { &mut *(y as *mut [f32] as *mut [MaybeUninit<f32>]) };
-        self.run_upsampled(x, dims, 1, y)
+    /// Convolves contiguous images `x` (shape `dims`) by the direct product into a new
+    /// buffer, written once (never zero-filled first).
+    pub(crate) fn run_new(&self, x: &[f32], dims: &[usize]) -> Result<(Vec<f32>, Geom)> {
+        let g = Geom::new(dims, &self.dims, self.stride, self.pad)?;
+        let len = g.b * g.out_len();
+        let mut y = Vec::with_capacity(len);
+        self.run_upsampled(x, dims, 1, &mut y.spare_capacity_mut()[..len])?;
+        // SAFETY: `run_upsampled` succeeded, so it wrote all `len` values.
+        unsafe { y.set_len(len) };
+        Ok((y, g))
     }
 
     /// Runs [`Self::infer`] into a new buffer, written once (never zero-filled first).

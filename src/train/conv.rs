@@ -3,12 +3,14 @@
 //! candle 0.11's CPU conv2d backward computes the input gradient with a direct
 //! `conv_transpose2d` (a dot product per output pixel) and the weight gradient as a
 //! convolution whose kernel is the whole feature map; for an IResNet that is ~10× the cost
-//! of the forward pass. Here the forward pass is the packed convolution of
-//! [`crate::kernels::conv`] and both gradients are per-image im2col + the same packed
-//! matrix product (parallel over the batch with rayon, one thread per image):
-//! - forward: `y_b = W · cols(x_b)`,
-//! - input gradient: `dx_b = col2im(Wᵀ · g_b)`,
-//! - weight gradient: `dW = Σ_b g_b · cols(x_b)ᵀ`.
+//! of the forward pass. Here every pass is the packed matrix product of
+//! [`crate::kernels::conv`] (parallel over images and output tiles):
+//! - forward: `y_b = W · cols(x_b) + bias`,
+//! - input gradient, stride 1: the convolution of `g_b` with the kernel transposed over
+//!   channels and flipped in space (padding `k − 1 − p`); other strides:
+//!   `dx_b = col2im(Wᵀ · g_b)`,
+//! - weight gradient: `dWᵀ = Σ_b cols(x_b) · g_bᵀ` (the long pixel axis is the inner
+//!   dimension, read in order), bias gradient: the channel sums of `g`.
 //!
 //! On other devices [`conv2d`] falls back to candle's own `conv2d` (which has a backward).
 //! Only square kernels, no dilation, no groups, F32.
@@ -16,7 +18,8 @@
 use crate::kernels::conv::{ConvWeights, Geom};
 use crate::kernels::f32_values;
 use crate::kernels::gemm::{gemm, matmul, Matrix, Output, PackedA};
-use candle_core::{CpuStorage, CustomOp2, DType, Error, Layout, Result, Shape, Tensor};
+use crate::train::fused::channel_sum;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 thread_local! {
@@ -39,11 +42,53 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     })
 }
 
-/// Forward op: `(x, w) → y`.
+/// Forward op: `(x, w) → y`, or `(x, w, bias) → y` as [`CustomOp3`].
 #[derive(Debug, Clone, Copy)]
 struct Conv2dOp {
     stride: usize,
     pad: usize,
+}
+
+impl Conv2dOp {
+    /// `y = conv(x, w) [+ bias]` on contiguous values.
+    fn run(
+        &self,
+        (x, xl): (&CpuStorage, &Layout),
+        (w, wl): (&CpuStorage, &Layout),
+        bias: Option<Vec<f32>>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (
+            f32_values(x, xl, "conv2d: input")?,
+            f32_values(w, wl, "conv2d: weight")?,
+        );
+        let conv = ConvWeights::from_slice(w, wl.dims(), bias, self.stride, self.pad)?;
+        let (y, g) = conv.run_new(x, xl.dims())?;
+        Ok((CpuStorage::F32(y), Shape::from((g.b, g.cout, g.ho, g.wo))))
+    }
+
+    /// The gradients of input and weight.
+    fn grads(&self, x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (_, _, h, wd) = x.dims4()?;
+        let dx = grad.apply_op2_no_bwd(
+            &w.contiguous()?,
+            &GradInputOp {
+                stride: self.stride,
+                pad: self.pad,
+                h,
+                w: wd,
+            },
+        )?;
+        let k = w.dim(2)?;
+        let dw = x.contiguous()?.apply_op2_no_bwd(
+            grad,
+            &GradWeightOp {
+                stride: self.stride,
+                pad: self.pad,
+                k,
+            },
+        )?;
+        Ok((dx, dw))
+    }
 }
 
 impl CustomOp2 for Conv2dOp {
@@ -58,18 +103,7 @@ impl CustomOp2 for Conv2dOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.pad)?;
-        let (x, w) = (
-            f32_values(s1, l1, "conv2d: input")?,
-            f32_values(s2, l2, "conv2d: weight")?,
-        );
-        let mut y = vec![0f32; g.b * g.out_len()];
-        ConvWeights::from_slice(w, l2.dims(), None, self.stride, self.pad)?.run(
-            x,
-            l1.dims(),
-            &mut y,
-        )?;
-        Ok((CpuStorage::F32(y), Shape::from((g.b, g.cout, g.ho, g.wo))))
+        self.run((s1, l1), (s2, l2), None)
     }
 
     fn bwd(
@@ -79,27 +113,40 @@ impl CustomOp2 for Conv2dOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let (_, _, h, wd) = x.dims4()?;
-        let dx = grad.apply_op2_no_bwd(
-            &w.contiguous()?,
-            &GradInputOp {
-                stride: self.stride,
-                pad: self.pad,
-                h,
-                w: wd,
-            },
-        )?;
-        let k = w.dim(2)?;
-        let dw = x.contiguous()?.apply_op2_no_bwd(
-            &grad,
-            &GradWeightOp {
-                stride: self.stride,
-                pad: self.pad,
-                k,
-            },
-        )?;
+        let (dx, dw) = self.grads(x, w, &grad.contiguous()?)?;
         Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl CustomOp3 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "fast-conv2d-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let bias = f32_values(s3, l3, "conv2d: bias")?.to_vec();
+        self.run((s1, l1), (s2, l2), Some(bias))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (dx, dw) = self.grads(x, w, &grad)?;
+        Ok((Some(dx), Some(dw), Some(channel_sum(&grad)?)))
     }
 }
 
@@ -139,6 +186,10 @@ impl CustomOp2 for GradInputOp {
             f32_values(s1, l1, "conv2d: gradient")?,
             f32_values(s2, l2, "conv2d: weight")?,
         );
+        if self.stride == 1 && self.pad < g.k {
+            let (dx, _) = flipped_kernel(w, &g)?.run_new(gr, l1.dims())?;
+            return Ok((CpuStorage::F32(dx), Shape::from((b, g.cin, g.h, g.w))));
+        }
         let mut dx = vec![0f32; b * g.in_len()];
         // Wᵀ (ckk × cout), packed once for the batch.
         let wt = PackedA::new(w, g.ckk(), g.cout, 1, g.ckk());
@@ -199,35 +250,23 @@ impl CustomOp2 for GradWeightOp {
             f32_values(s1, l1, "conv2d: input")?,
             f32_values(s2, l2, "conv2d: gradient")?,
         );
-        let wlen = g.cout * g.ckk();
-        let dw = x
+        let (ckk, cout, p) = (g.ckk(), g.cout, g.pixels());
+        let wlen = cout * ckk;
+        // dWᵀ (CKK × Cout) = Σ_b cols_b (CKK × P) · g_bᵀ (P × Cout).
+        let dwt = x
             .par_chunks(g.in_len().max(1))
             .zip(gr.par_chunks(g.out_len().max(1)))
             .fold(
                 || vec![0f32; wlen],
                 |mut acc, (x_b, g_b)| {
-                    // acc (Cout × CKK) += g_b (Cout × P) · cols_bᵀ (P × CKK).
+                    // One thread: the batch already runs in parallel.
                     let mut product = |cols: &[f32]| {
-                        // One thread: the batch already runs in parallel.
-                        matmul(
-                            g.cout,
-                            g.ckk(),
-                            g.pixels(),
-                            &mut acc,
-                            true,
-                            g_b,
-                            g.pixels(),
-                            1,
-                            cols,
-                            1,
-                            g.pixels(),
-                            1,
-                        )
+                        matmul(ckk, cout, p, &mut acc, true, cols, p, 1, g_b, 1, p, 1)
                     };
                     if g.trivial_cols() {
                         product(x_b);
                     } else {
-                        with_scratch(g.ckk() * g.pixels(), |cols| {
+                        with_scratch(ckk * p, |cols| {
                             g.im2col(x_b, cols);
                             product(cols);
                         });
@@ -242,23 +281,57 @@ impl CustomOp2 for GradWeightOp {
                     a
                 },
             );
+        let mut dw = Vec::with_capacity(wlen);
+        for o in 0..cout {
+            dw.extend((0..ckk).map(|j| dwt[j * cout + o]));
+        }
         Ok((CpuStorage::F32(dw), Shape::from(wdims.to_vec())))
     }
 }
 
-/// 2-d convolution of `x [B, Cin, H, W]` with `w [Cout, Cin, k, k]` (no bias), with the
-/// fast CPU backward described in the module docs.
-pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    if !x.device().is_cpu() || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
-        return x.conv2d(w, padding, stride, 1, 1);
+/// `w [Cout, Cin, k, k]` transposed over channels and flipped in space: the kernel
+/// `[Cin, Cout, k, k]` whose stride-1 convolution with padding `k − 1 − p` of a gradient
+/// `[B, Cout, Ho, Wo]` is the input gradient `[B, Cin, H, W]`.
+fn flipped_kernel(w: &[f32], g: &Geom) -> Result<ConvWeights> {
+    let (k, kk) = (g.k, g.k * g.k);
+    let mut flipped = vec![0f32; w.len()];
+    for o in 0..g.cout {
+        for c in 0..g.cin {
+            let src = &w[(o * g.cin + c) * kk..][..kk];
+            let dst = &mut flipped[(c * g.cout + o) * kk..][..kk];
+            for (i, d) in dst.iter_mut().enumerate() {
+                *d = src[kk - 1 - i];
+            }
+        }
     }
-    x.contiguous()?.apply_op2(
-        &w.contiguous()?,
-        Conv2dOp {
-            stride,
-            pad: padding,
-        },
-    )
+    ConvWeights::from_slice(&flipped, &[g.cin, g.cout, k, k], None, 1, k - 1 - g.pad)
+}
+
+/// 2-d convolution of `x [B, Cin, H, W]` with `w [Cout, Cin, k, k]` and an optional `bias
+/// [Cout]`, with the fast CPU backward described in the module docs.
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let op = Conv2dOp {
+        stride,
+        pad: padding,
+    };
+    if !x.device().is_cpu() || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
+        let y = x.conv2d(w, padding, stride, 1, 1)?;
+        return match bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            None => Ok(y),
+        };
+    }
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match bias {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, op),
+        None => x.apply_op2(&w, op),
+    }
 }
 
 #[cfg(test)]
@@ -268,6 +341,8 @@ mod tests {
 
     use crate::testutil::max_abs_diff as max_diff;
 
+    /// Values and the gradients of input, weight and bias against candle's conv2d, for the
+    /// flipped-kernel input gradient (stride 1) and the col2im one (stride 2).
     #[test]
     fn forward_and_gradients_match_candle() {
         let dev = Device::Cpu;
@@ -277,23 +352,34 @@ mod tests {
             (4, 6, 1, 2, 0, 8),
             (5, 3, 1, 1, 0, 6),
             (2, 3, 3, 2, 0, 9),
+            (2, 3, 3, 1, 0, 9),
         ] {
             // Non-square input: forward only (candle's own conv2d backward assumes square).
             let xr = Tensor::randn(0f32, 1., (2, cin, h, h + 3), &dev).unwrap();
             let wr = Tensor::randn(0f32, 1., (cout, cin, k, k), &dev).unwrap();
             let want = xr.conv2d(&wr, pad, stride, 1, 1).unwrap();
-            assert!(max_diff(&conv2d(&xr, &wr, stride, pad).unwrap(), &want) < 1e-4);
+            assert!(max_diff(&conv2d(&xr, &wr, None, stride, pad).unwrap(), &want) < 1e-4);
             let x0 = Tensor::randn(0f32, 1., (3, cin, h, h), &dev).unwrap();
             let w0 = Tensor::randn(0f32, 1., (cout, cin, k, k), &dev).unwrap();
             let (x, w) = (
                 Var::from_tensor(&x0).unwrap(),
                 Var::from_tensor(&w0).unwrap(),
             );
+            let bias = Var::randn(0f32, 1., cout, &dev).unwrap();
             let want = x
                 .as_tensor()
                 .conv2d(w.as_tensor(), pad, stride, 1, 1)
+                .unwrap()
+                .broadcast_add(&bias.as_tensor().reshape((1, cout, 1, 1)).unwrap())
                 .unwrap();
-            let got = conv2d(x.as_tensor(), w.as_tensor(), stride, pad).unwrap();
+            let got = conv2d(
+                x.as_tensor(),
+                w.as_tensor(),
+                Some(bias.as_tensor()),
+                stride,
+                pad,
+            )
+            .unwrap();
             assert_eq!(got.dims(), want.dims());
             assert!(max_diff(&got, &want) < 1e-4);
             let probe = Tensor::randn(0f32, 1., want.dims(), &dev).unwrap();
@@ -309,7 +395,7 @@ mod tests {
                 .unwrap()
                 .backward()
                 .unwrap();
-            for v in [&x, &w] {
+            for v in [&x, &w, &bias] {
                 let (a, b) = (
                     gw.get(v.as_tensor()).unwrap(),
                     gg.get(v.as_tensor()).unwrap(),
@@ -328,6 +414,6 @@ mod tests {
         let dev = Device::Cpu;
         let x = Tensor::zeros((1, 3, 5, 5), DType::F32, &dev).unwrap();
         let w = Tensor::zeros((2, 4, 3, 3), DType::F32, &dev).unwrap();
-        assert!(conv2d(&x, &w, 1, 1).is_err());
+        assert!(conv2d(&x, &w, None, 1, 1).is_err());
     }
 }

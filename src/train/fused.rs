@@ -742,52 +742,6 @@ pub fn activation(x: &Tensor, activation: Activation) -> Result<Tensor> {
     x.contiguous()?.apply_op1(ActivationOp(activation))
 }
 
-/// Forward op `(x [B, C, …], b [C]) → x + b_c`.
-struct ChannelBiasOp;
-
-impl CustomOp2 for ChannelBiasOp {
-    fn name(&self) -> &'static str {
-        "fused-channel-bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (_, c, s) = bcs(l1.dims())?;
-        let (x, b) = (
-            f32_values(s1, l1, "fused op: input")?,
-            f32_values(s2, l2, "fused op: bias")?,
-        );
-        if b.len() != c {
-            return Err(Error::Msg(format!(
-                "channel bias: {c} channels but {} biases",
-                b.len()
-            )));
-        }
-        let y = map_channels(x, (c, s), |ch, xv| xv + b[ch]);
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        _bias: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (b, c, s) = bcs(x.dims())?;
-        let db = grad
-            .contiguous()?
-            .reshape((b, c, s))?
-            .apply_op1_no_bwd(&ChannelSumOp)?;
-        Ok((Some(grad.clone()), Some(db)))
-    }
-}
-
 /// `[B, C, S] → [C]`: the sum over samples and positions of each channel.
 struct ChannelSumOp;
 
@@ -809,11 +763,12 @@ impl CustomOp1 for ChannelSumOp {
     }
 }
 
-/// `x + bias` with `bias` `[C]` broadcast over `x` `[B, C, …]` (F32, CPU), whose backward
-/// sums the bias gradient per channel in one pass.
-pub fn add_channel_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+/// `[B, C, …] → [C]`: the sum of each channel over samples and positions (no gradient).
+pub fn channel_sum(x: &Tensor) -> Result<Tensor> {
+    let (b, c, s) = bcs(x.dims())?;
     x.contiguous()?
-        .apply_op2(&bias.contiguous()?, ChannelBiasOp)
+        .reshape((b, c, s))?
+        .apply_op1_no_bwd(&ChannelSumOp)
 }
 
 #[cfg(test)]
@@ -948,9 +903,10 @@ mod tests {
         assert!(err.contains("6 channels, 4 groups"), "{err}");
     }
 
-    /// Fused SiLU, GELU (erf) and channel bias against candle's ops: values and gradients.
+    /// Fused SiLU and GELU (erf) against candle's ops (values and gradients), and the channel
+    /// sums.
     #[test]
-    fn activations_and_channel_bias_match_candle() {
+    fn activations_and_channel_sums_match_candle() {
         let dev = Device::Cpu;
         let x = Var::randn(0f32, 3.0, (2, 5, 3, 4), &dev).unwrap();
         let probe = Tensor::randn(0f32, 1., (2, 5, 3, 4), &dev).unwrap();
@@ -974,20 +930,9 @@ mod tests {
             let diff = max_diff(&grad_of(&ours, &x), &grad_of(&theirs, &x));
             assert!(diff < 1e-4, "{act:?} gradient: {diff}");
         }
-        let b = Var::randn(0f32, 1.0, 5, &dev).unwrap();
-        let ours = add_channel_bias(x.as_tensor(), b.as_tensor()).unwrap();
-        let theirs = x
-            .as_tensor()
-            .broadcast_add(&b.as_tensor().reshape((1, 5, 1, 1)).unwrap())
-            .unwrap();
-        assert!(max_diff(&ours, &theirs) < 1e-6);
-        for v in [&x, &b] {
-            assert!(max_diff(&grad_of(&ours, v), &grad_of(&theirs, v)) < 1e-4);
-        }
-        let err = add_channel_bias(x.as_tensor(), &Tensor::zeros(4, DType::F32, &dev).unwrap());
-        assert!(err
-            .unwrap_err()
-            .to_string()
-            .contains("5 channels but 4 biases"));
+        let sums = channel_sum(x.as_tensor()).unwrap();
+        let want = x.as_tensor().sum((0, 2, 3)).unwrap();
+        assert_eq!(sums.dims(), &[5]);
+        assert!(max_diff(&sums, &want) < 1e-4);
     }
 }

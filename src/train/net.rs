@@ -106,7 +106,7 @@ impl Conv {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(conv2d(x, &self.weight, self.stride, self.pad)?)
+        Ok(conv2d(x, &self.weight, None, self.stride, self.pad)?)
     }
 }
 
