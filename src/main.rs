@@ -19,8 +19,20 @@ fn keep_freed_memory() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 10_000) };
 }
 
+/// candle 0.11 hands element-wise ops on large tensors to a pool of its own threads, besides
+/// rayon's, which spin for a while after every op and take a core from the rayon workers
+/// that run the kernels (on a 2-core CPU: 10–15 % of a training step). With
+/// `CANDLE_NUM_THREADS=1` candle runs them on the calling thread; a value the user set wins.
+fn candle_ops_on_calling_thread() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // Set before any other thread exists.
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}
+
 fn main() {
     keep_freed_memory();
+    candle_ops_on_calling_thread();
     // No arguments (or `studio …`): open the studio window.
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if args.len() == 1 || args.get(1).is_some_and(|a| a == "studio") {

@@ -11,6 +11,7 @@ use super::data::{images_to_tensor, FaceSet};
 use super::optim::{self, AdamW, AdamWConfig, Ema};
 use super::train_layers::{current_kernels, with_kernels, TrainKernels};
 use crate::diffusion::schedule::Schedule;
+use crate::kernels::gemm::on_pool;
 use crate::models::iresnet::{normalise, IResNet, IResNetConfig};
 use crate::models::unet::{ConditionalUNet, Prediction, UNetConfig};
 use crate::models::vq::{VqConfig, VqEncoder};
@@ -513,8 +514,9 @@ fn optimiser(vars: &[(String, Var)], a: &TrainDiffusionArgs) -> Result<AdamW> {
 /// One optimiser step on `batch`: loss, backward, clipping to global gradient norm 1, AdamW
 /// and the EMA. Returns the loss and the gradient norm before clipping.
 ///
-/// The step runs on a rayon worker thread, so that the fused ops' parallel loops start
-/// without waking the pool from outside for every op (with one thread: no hand-offs at all).
+/// The step runs on a rayon worker ([`on_pool`]), so that the fused ops' parallel loops
+/// start without waking the pool from outside for every op (with one thread: no hand-offs
+/// at all), and its kernels use every thread.
 fn train_step(
     model: &TrainableUNet,
     opt: &mut AdamW,
@@ -524,7 +526,7 @@ fn train_step(
     a: &TrainDiffusionArgs,
 ) -> Result<(f64, f64)> {
     let kernels = current_kernels();
-    rayon::scope(|_| {
+    on_pool(|| {
         with_kernels(kernels, || {
             let loss = model.loss(schedule, batch, a.cpd, a.min_snr_gamma)?;
             let grads = loss.backward()?;

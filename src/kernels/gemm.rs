@@ -471,14 +471,32 @@ thread_local! {
     static PACKED_B: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// How many threads a kernel may use: all of rayon's when called from outside its pool,
-/// one inside it (the caller already runs in parallel, e.g. over a batch).
+thread_local! {
+    /// Whether this rayon worker runs a serial chain of ops (see [`on_pool`]).
+    static LEADS_POOL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// How many threads a kernel may use: all of rayon's when called from outside its pool or
+/// from the worker running [`on_pool`], one on other workers (the caller already runs in
+/// parallel, e.g. over a batch).
 pub fn kernel_threads() -> usize {
-    if rayon::current_thread_index().is_some() {
+    if rayon::current_thread_index().is_some() && !LEADS_POOL.get() {
         1
     } else {
         rayon::current_num_threads()
     }
+}
+
+/// Runs `f`, a chain of ops that follow one another, on a rayon worker whose kernels still
+/// use every thread of the pool: their parallel loops then start from inside the pool
+/// (no wake-up from outside per op). Results do not depend on the number of threads.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| {
+        let previous = LEADS_POOL.replace(true);
+        let out = f();
+        LEADS_POOL.set(previous);
+        out
+    })
 }
 
 /// `C = A · B` (or `C += A · B` with `accumulate`), then `C[i][·] += bias[i]`, for the
@@ -939,6 +957,20 @@ mod tests {
     /// A matrix stored in the product's own layout (read in place with one thread, copied
     /// per block with several, whose blocks start off the slice boundaries) gives the same
     /// bits as the plain matrix, across several column slices and depth blocks.
+    /// Workers run kernels on one thread, except the one running `on_pool` (restored after).
+    #[test]
+    fn on_pool_lets_its_worker_use_every_thread() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            assert_eq!(kernel_threads(), 1);
+            assert_eq!(on_pool(kernel_threads), 2);
+            assert_eq!(kernel_threads(), 1);
+        });
+    }
+
     #[test]
     fn prepacked_matrices_give_the_plain_product() {
         let (m, n, k) = (13, NC + 45, KC + 7);
