@@ -5,6 +5,7 @@ use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
+use rayon::prelude::*;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,6 +44,54 @@ impl Default for AdamWConfig {
             eps: 1e-8,
             weight_decay: 0.0,
         }
+    }
+}
+
+/// Runs `f` on the values of a contiguous F32 CPU tensor; `None` for any other tensor.
+fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return None;
+    };
+    let values = crate::kernels::f32_values(cpu, layout, "optimiser tensor").ok()?;
+    Some(f(values))
+}
+
+/// The per-step constants of an AdamW update, in single precision.
+#[derive(Debug, Clone, Copy)]
+struct AdamWStep {
+    grad_scale: Option<f32>,
+    beta1: f32,
+    one_minus_beta1: f32,
+    beta2: f32,
+    one_minus_beta2: f32,
+    inv_bias1: f32,
+    inv_bias2: f32,
+    eps: f32,
+    decay: Option<f32>,
+    lr: f32,
+}
+
+impl AdamWStep {
+    /// `(θ', m', v')` from `θ`, the gradient `g` and the moments, element by element.
+    fn apply(&self, theta: &[f32], g: &[f32], m: &[f32], v: &[f32]) -> [Vec<f32>; 3] {
+        let n = theta.len();
+        let (mut t1, mut m1, mut v1) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for i in 0..n {
+            let g = self.grad_scale.map_or(g[i], |s| g[i] * s);
+            let mi = m[i] * self.beta1 + g * self.one_minus_beta1;
+            let vi = v[i] * self.beta2 + (g * g) * self.one_minus_beta2;
+            let update = (mi * self.inv_bias1) / ((vi * self.inv_bias2).sqrt() + self.eps);
+            let th = self.decay.map_or(theta[i], |d| theta[i] * d);
+            t1.push(th - update * self.lr);
+            m1.push(mi);
+            v1.push(vi);
+        }
+        [t1, m1, v1]
     }
 }
 
@@ -85,14 +134,21 @@ impl AdamW {
 
     /// Global L2 norm of the gradients of the optimised variables.
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
-        let mut total = 0f64;
-        for (_, var) in &self.vars {
-            if let Some(g) = grads.get(var.as_tensor()) {
-                total += g
+        let squares = |g: &Tensor| -> Result<f64> {
+            let fused = with_values(g, |v| v.iter().map(|&x| f64::from(x) * f64::from(x)).sum());
+            match fused {
+                Some(sum) => Ok(sum),
+                None => Ok(g
                     .sqr()?
                     .sum_all()?
                     .to_dtype(DType::F64)?
-                    .to_scalar::<f64>()?;
+                    .to_scalar::<f64>()?),
+            }
+        };
+        let mut total = 0f64;
+        for (_, var) in &self.vars {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                total += squares(g)?;
             }
         }
         Ok(total.sqrt())
@@ -106,10 +162,46 @@ impl AdamW {
         let t = self.step as i32;
         let bc1 = 1.0 - c.beta1.powi(t);
         let bc2 = 1.0 - c.beta2.powi(t);
-        for (i, (_, var)) in self.vars.iter().enumerate() {
+        let k = AdamWStep {
+            grad_scale: (grad_scale != 1.0).then_some(grad_scale as f32),
+            beta1: c.beta1 as f32,
+            one_minus_beta1: (1.0 - c.beta1) as f32,
+            beta2: c.beta2 as f32,
+            one_minus_beta2: (1.0 - c.beta2) as f32,
+            inv_bias1: (1.0 / bc1) as f32,
+            inv_bias2: (1.0 / bc2) as f32,
+            eps: c.eps as f32,
+            decay: (c.weight_decay > 0.0).then_some((1.0 - c.lr * c.weight_decay) as f32),
+            lr: c.lr as f32,
+        };
+        // One pass per variable on the CPU (variables in parallel); other tensors below.
+        let fused: Vec<Option<[Vec<f32>; 3]>> = self
+            .vars
+            .par_iter()
+            .zip(self.m.par_iter().zip(&self.v))
+            .map(|((_, var), (m, v))| {
+                let g = grads.get(var.as_tensor())?;
+                with_values(var.as_tensor(), |th| {
+                    with_values(g, |g| {
+                        with_values(m, |m| with_values(v, |v| k.apply(th, g, m, v)))
+                    })
+                })
+                .flatten()
+                .flatten()
+                .flatten()
+            })
+            .collect();
+        for (i, ((_, var), new)) in self.vars.iter().zip(fused).enumerate() {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
+            if let Some([theta, m, v]) = new {
+                let (shape, dev) = (var.shape(), var.device());
+                var.set(&Tensor::from_vec(theta, shape, dev)?)?;
+                self.m[i] = Tensor::from_vec(m, shape, dev)?;
+                self.v[i] = Tensor::from_vec(v, shape, dev)?;
+                continue;
+            }
             // Leaf gradients keep their backprop graph (and the forward activations it
             // references); the moments must not, or every step's graph is retained.
             let g = g.detach();
@@ -201,8 +293,26 @@ impl Ema {
     /// `min(decay, (1 + step) / (10 + step))`.
     pub fn update(&mut self, vars: &[(String, Var)], step: usize) -> Result<()> {
         let d = self.decay.min((1.0 + step as f64) / (10.0 + step as f64));
-        for ((_, s), (_, v)) in self.shadow.iter_mut().zip(vars) {
-            *s = ((&*s * d)? + (v.as_tensor().detach() * (1.0 - d))?)?;
+        let (df, rest) = (d as f32, (1.0 - d) as f32);
+        // One pass per tensor on the CPU (tensors in parallel); other tensors below.
+        let fused: Vec<Option<Vec<f32>>> = self
+            .shadow
+            .par_iter()
+            .zip(vars)
+            .map(|((_, s), (_, v))| {
+                with_values(s, |s| {
+                    with_values(v.as_tensor(), |v| {
+                        s.iter().zip(v).map(|(&s, &v)| s * df + v * rest).collect()
+                    })
+                })
+                .flatten()
+            })
+            .collect();
+        for (((_, s), (_, v)), new) in self.shadow.iter_mut().zip(vars).zip(fused) {
+            *s = match new {
+                Some(values) => Tensor::from_vec(values, s.shape(), s.device())?,
+                None => ((&*s * d)? + (v.as_tensor().detach() * (1.0 - d))?)?,
+            };
         }
         Ok(())
     }
@@ -353,5 +463,36 @@ mod tests {
         assert!((got - x).abs() < 1e-5, "{got} vs {x}");
         let state = opt.state().unwrap();
         assert!(state.values().all(|t| !t.track_op()));
+    }
+
+    /// The EMA follows `s ← d·s + (1 − d)·θ` with the warmed-up decay.
+    #[test]
+    fn ema_matches_hand_computation() {
+        let dev = Device::Cpu;
+        let var = Var::new(&[[1.0f32, -2.0], [0.5, 4.0]], &dev).unwrap();
+        let vars = vec![("a".to_string(), var.clone())];
+        let mut ema = Ema::new(&vars, 0.999).unwrap();
+        let mut want = [1.0f64, -2.0, 0.5, 4.0];
+        for step in 0..3usize {
+            let theta: Vec<f64> = (0..4)
+                .map(|i| (i as f64 - 1.5) * (step + 2) as f64)
+                .collect();
+            let values: Vec<f32> = theta.iter().map(|&x| x as f32).collect();
+            var.set(&Tensor::from_vec(values, (2, 2), &dev).unwrap())
+                .unwrap();
+            ema.update(&vars, step).unwrap();
+            let d = 0.999f64.min((1.0 + step as f64) / (10.0 + step as f64));
+            for (w, th) in want.iter_mut().zip(&theta) {
+                *w = d * *w + (1.0 - d) * th;
+            }
+        }
+        let got = ema.tensors()["a"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (g, w) in got.iter().zip(&want) {
+            assert!((f64::from(*g) - w).abs() < 1e-5, "{got:?} vs {want:?}");
+        }
     }
 }
