@@ -123,6 +123,20 @@ pub fn fused_channels_linear(
     Some(run())
 }
 
+/// Attention of `q (heads, d, Nq)` over `k`, `v (heads, d, Nk)` with scores `alpha·qᵀk`
+/// as one op with a fused backward ([`crate::train::attention`]); `None` when no gradient
+/// is tracked or the tensors are not F32 on the CPU with [`TrainKernels::Fused`].
+pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, alpha: f64) -> Option<Result<Tensor>> {
+    let tracked = q.track_op() || k.track_op() || v.track_op();
+    let cpu_f32 = [q, k, v]
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
+    if !tracked || !cpu_f32 || current_kernels() != TrainKernels::Fused {
+        return None;
+    }
+    Some(crate::train::attention::attention(q, k, v, alpha))
+}
+
 /// A 2-D convolution with candle's parameter names (`weight`, `bias`).
 #[derive(Debug, Clone)]
 pub struct Conv2d {

@@ -9,8 +9,9 @@ use candle_core::{DType, Module, Result, Tensor};
 use crate::default_model::train_layers::{conv2d, gelu_erf, group_norm, silu, Conv2d, GroupNorm};
 use crate::default_model::train_layers::{conv_transpose2d, ConvTranspose2d};
 use crate::default_model::train_layers::{current_kernels, with_kernels};
-use crate::default_model::train_layers::{fused_channels_linear, packed_inference, residual_add};
+use crate::default_model::train_layers::{fused_attention, fused_channels_linear};
 use crate::default_model::train_layers::{linear, Linear};
+use crate::default_model::train_layers::{packed_inference, residual_add};
 use crate::kernels::attention::AttentionWeights;
 use crate::kernels::norm::Epilogue;
 use crate::kernels::PackedCache;
@@ -348,9 +349,13 @@ impl Attention {
         let scale = 1.0 / (d as f64).sqrt().sqrt();
         let dtype = x.dtype();
         // (B*h, d, N)
-        let q = (project(&self.to_q, x)? * scale)?.reshape((b * self.heads, d, nq))?;
-        let k = (project(&self.to_k, kv)? * scale)?.reshape((b * self.heads, d, nk))?;
+        let q = project(&self.to_q, x)?.reshape((b * self.heads, d, nq))?;
+        let k = project(&self.to_k, kv)?.reshape((b * self.heads, d, nk))?;
         let v = project(&self.to_v, kv)?.reshape((b * self.heads, d, nk))?;
+        if let Some(out) = fused_attention(&q, &k, &v, scale * scale) {
+            return project(&self.proj_out, &out?.reshape((b, c, nq))?);
+        }
+        let (q, k) = ((q * scale)?, (k * scale)?);
         // weights (B*h, Nq, Nk) = qᵀk, softmax over keys in f32.
         let w = q.transpose(1, 2)?.contiguous()?.matmul(&k.contiguous()?)?;
         let w = w.to_dtype(DType::F32)?;

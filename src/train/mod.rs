@@ -12,6 +12,7 @@ pub mod margin;
 pub mod optim;
 pub mod schedule;
 
+pub mod attention;
 pub mod bench;
 pub mod cli;
 pub mod conv;
