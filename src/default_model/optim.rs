@@ -57,10 +57,11 @@ fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
     Some(f(values))
 }
 
-/// The per-step constants of an AdamW update, in single precision.
+/// The per-step constants of an AdamW update, in single precision (a gradient scale or
+/// decay of 1 leaves the values exactly as they are).
 #[derive(Debug, Clone, Copy)]
 struct AdamWStep {
-    grad_scale: Option<f32>,
+    grad_scale: f32,
     beta1: f32,
     one_minus_beta1: f32,
     beta2: f32,
@@ -68,30 +69,47 @@ struct AdamWStep {
     inv_bias1: f32,
     inv_bias2: f32,
     eps: f32,
-    decay: Option<f32>,
+    decay: f32,
     lr: f32,
 }
 
 impl AdamWStep {
-    /// `(θ', m', v')` from `θ`, the gradient `g` and the moments, element by element.
+    /// `(θ', m', v')` from `θ`, the gradient `g` and the moments, element by element
+    /// (vectorised).
     fn apply(&self, theta: &[f32], g: &[f32], m: &[f32], v: &[f32]) -> [Vec<f32>; 3] {
         let n = theta.len();
-        let (mut t1, mut m1, mut v1) = (
+        let (g, m, v) = (&g[..n], &m[..n], &v[..n]);
+        let mut out = [
             Vec::with_capacity(n),
             Vec::with_capacity(n),
             Vec::with_capacity(n),
+        ];
+        let [t1, m1, v1] = &mut out;
+        let (t1, m1, v1) = (
+            &mut t1.spare_capacity_mut()[..n],
+            &mut m1.spare_capacity_mut()[..n],
+            &mut v1.spare_capacity_mut()[..n],
         );
-        for i in 0..n {
-            let g = self.grad_scale.map_or(g[i], |s| g[i] * s);
-            let mi = m[i] * self.beta1 + g * self.one_minus_beta1;
-            let vi = v[i] * self.beta2 + (g * g) * self.one_minus_beta2;
-            let update = (mi * self.inv_bias1) / ((vi * self.inv_bias2).sqrt() + self.eps);
-            let th = self.decay.map_or(theta[i], |d| theta[i] * d);
-            t1.push(th - update * self.lr);
-            m1.push(mi);
-            v1.push(vi);
+        let k = *self;
+        crate::kernels::math::dispatch(
+            #[inline(always)]
+            || {
+                for i in 0..n {
+                    let g = g[i] * k.grad_scale;
+                    let mi = m[i] * k.beta1 + g * k.one_minus_beta1;
+                    let vi = v[i] * k.beta2 + (g * g) * k.one_minus_beta2;
+                    let update = (mi * k.inv_bias1) / ((vi * k.inv_bias2).sqrt() + k.eps);
+                    t1[i].write(theta[i] * k.decay - update * k.lr);
+                    m1[i].write(mi);
+                    v1[i].write(vi);
+                }
+            },
+        );
+        for o in &mut out {
+            // SAFETY: the loop above wrote all `n` values of each output.
+            unsafe { o.set_len(n) };
         }
-        [t1, m1, v1]
+        out
     }
 }
 
@@ -163,7 +181,7 @@ impl AdamW {
         let bc1 = 1.0 - c.beta1.powi(t);
         let bc2 = 1.0 - c.beta2.powi(t);
         let k = AdamWStep {
-            grad_scale: (grad_scale != 1.0).then_some(grad_scale as f32),
+            grad_scale: grad_scale as f32,
             beta1: c.beta1 as f32,
             one_minus_beta1: (1.0 - c.beta1) as f32,
             beta2: c.beta2 as f32,
@@ -171,7 +189,7 @@ impl AdamW {
             inv_bias1: (1.0 / bc1) as f32,
             inv_bias2: (1.0 / bc2) as f32,
             eps: c.eps as f32,
-            decay: (c.weight_decay > 0.0).then_some((1.0 - c.lr * c.weight_decay) as f32),
+            decay: (1.0 - c.lr * c.weight_decay) as f32,
             lr: c.lr as f32,
         };
         // One pass per variable on the CPU (variables in parallel); other tensors below.

@@ -143,19 +143,28 @@ impl PackedA {
     pub fn new(a: &[f32], m: usize, k: usize, rs: usize, cs: usize) -> Self {
         assert!(m == 0 || k == 0 || a.len() > (m - 1) * rs + (k - 1) * cs);
         let mp = m.div_ceil(MR) * MR;
-        let mut data = vec![0f32; mp * k];
+        let mut data: Vec<f32> = Vec::with_capacity(mp * k);
+        let out = &mut data.spare_capacity_mut()[..mp * k];
         for k0 in (0..k).step_by(KC) {
             let kc = KC.min(k - k0);
-            let block = &mut data[k0 * mp..(k0 + kc) * mp];
+            let block = &mut out[k0 * mp..(k0 + kc) * mp];
             for (ip, panel) in block.chunks_exact_mut(kc * MR).enumerate() {
-                for i in 0..MR.min(m - ip * MR) {
-                    let row = ip * MR + i;
-                    for p in 0..kc {
-                        panel[p * MR + i] = a[row * rs + (k0 + p) * cs];
+                let rows = MR.min(m - ip * MR);
+                // Row by row of the panel (MR consecutive values), padding rows with zeros.
+                for (p, dst) in panel.chunks_exact_mut(MR).enumerate() {
+                    let col = (k0 + p) * cs;
+                    for (i, d) in dst.iter_mut().enumerate() {
+                        d.write(if i < rows {
+                            a[(ip * MR + i) * rs + col]
+                        } else {
+                            0.0
+                        });
                     }
                 }
             }
         }
+        // SAFETY: the loops above wrote every one of the `mp · k` values.
+        unsafe { data.set_len(mp * k) };
         Self { m, k, data }
     }
 
