@@ -345,15 +345,11 @@ impl ConvWeights {
         x.contiguous()?.apply_op1_no_bwd(&Upsampled2(self))
     }
 
-    /// Convolves contiguous images `x` (shape `dims`) by the direct product into a new
-    /// buffer, written once (never zero-filled first).
+    /// Convolves contiguous images `x` (shape `dims`) into a new buffer, written once (never
+    /// zero-filled first), by Winograd's product where that is faster (see [`Self::infer`]).
     pub(crate) fn run_new(&self, x: &[f32], dims: &[usize]) -> Result<(Vec<f32>, Geom)> {
         let g = Geom::new(dims, &self.dims, self.stride, self.pad)?;
-        let len = g.b * g.out_len();
-        let mut y = Vec::with_capacity(len);
-        self.run_upsampled(x, dims, 1, &mut y.spare_capacity_mut()[..len])?;
-        // SAFETY: `run_upsampled` succeeded, so it wrote all `len` values.
-        unsafe { y.set_len(len) };
+        let y = self.infer_new(x, dims, 1, g.b * g.out_len())?;
         Ok((y, g))
     }
 
@@ -368,7 +364,8 @@ impl ConvWeights {
 
     /// Like [`Self::run_upsampled`], but by Winograd's F(2×2, 3×3) where that is faster
     /// (3×3 kernels, stride 1, padding 1, wide enough layers, large enough images).
-    /// Inference only: results differ from the direct product by rounding.
+    /// Results differ from the direct product by rounding (the gradients of the training
+    /// convolution are those of the exact product).
     fn infer(
         &self,
         x: &[f32],
@@ -405,19 +402,6 @@ impl ConvWeights {
         } else {
             self.direct(x, &g, up, y);
         }
-        Ok(g)
-    }
-
-    /// Convolves the nearest-neighbour ×`up` upsampling of `x` (shape `dims`) into `y`.
-    fn run_upsampled(
-        &self,
-        x: &[f32],
-        dims: &[usize],
-        up: usize,
-        y: &mut [MaybeUninit<f32>],
-    ) -> Result<Geom> {
-        let g = self.checked_geom(x, dims, up, y)?;
-        self.direct(x, &g, up, y);
         Ok(g)
     }
 
