@@ -106,32 +106,30 @@ impl Geom {
         (lo, hi.max(lo))
     }
 
-    /// `cols[(c·k + ky)·k + kx][oy·wo + ox] = x[c][oy·s + ky − p][ox·s + kx − p]` (0 outside).
-    pub(crate) fn im2col(&self, x: &[f32], cols: &mut [f32]) {
-        let (k, p, s) = (self.k, self.pixels(), self.stride);
-        for c in 0..self.cin {
-            let plane = &x[c * self.h * self.w..(c + 1) * self.h * self.w];
-            for ky in 0..k {
-                for kx in 0..k {
-                    let row = &mut cols[((c * k + ky) * k + kx) * p..][..p];
-                    let (lo, hi) = self.valid_cols(kx);
-                    for oy in 0..self.ho {
-                        let out = &mut row[oy * self.wo..(oy + 1) * self.wo];
-                        let Some(iy) = self.src(oy, ky, self.h) else {
-                            out.fill(0.0);
-                            continue;
+    /// The transposed columns, one patch per output pixel:
+    /// `cols_t[oy·wo + ox][(c·k + ky)·k + kx] = x[c][oy·s + ky − p][ox·s + kx − p]` (0 outside).
+    pub(crate) fn im2col_t(&self, x: &[f32], cols_t: &mut [f32]) {
+        let (k, ckk, hw) = (self.k, self.ckk(), self.h * self.w);
+        for oy in 0..self.ho {
+            for ox in 0..self.wo {
+                let row = &mut cols_t[(oy * self.wo + ox) * ckk..][..ckk];
+                for ky in 0..k {
+                    let iy = self.src(oy, ky, self.h);
+                    for kx in 0..k {
+                        let at = match (iy, self.src(ox, kx, self.w)) {
+                            (Some(iy), Some(ix)) => Some(iy * self.w + ix),
+                            _ => None,
                         };
-                        out[..lo].fill(0.0);
-                        out[hi..].fill(0.0);
-                        if lo < hi {
-                            let start = iy * self.w + lo * s + kx - self.pad;
-                            if s == 1 {
-                                out[lo..hi].copy_from_slice(&plane[start..start + (hi - lo)]);
-                            } else {
-                                for (v, src) in
-                                    out[lo..hi].iter_mut().zip(plane[start..].iter().step_by(s))
-                                {
-                                    *v = *src;
+                        let first = ky * k + kx;
+                        match at {
+                            Some(at) => {
+                                for c in 0..self.cin {
+                                    row[c * k * k + first] = x[c * hw + at];
+                                }
+                            }
+                            None => {
+                                for c in 0..self.cin {
+                                    row[c * k * k + first] = 0.0;
                                 }
                             }
                         }
@@ -141,7 +139,8 @@ impl Geom {
         }
     }
 
-    /// Adjoint of [`Geom::im2col`]: accumulates `cols` into `dx` (which must start at zero).
+    /// Adjoint of the column matrix `cols[(c·k + ky)·k + kx][oy·wo + ox]` (the transpose of
+    /// [`Geom::im2col_t`]): accumulates `cols` into `dx` (which must start at zero).
     pub(crate) fn col2im(&self, cols: &[f32], dx: &mut [f32]) {
         let (k, p, s) = (self.k, self.pixels(), self.stride);
         for c in 0..self.cin {

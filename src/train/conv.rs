@@ -9,8 +9,8 @@
 //! - input gradient, stride 1: the convolution of `g_b` with the kernel transposed over
 //!   channels and flipped in space (padding `k − 1 − p`); other strides:
 //!   `dx_b = col2im(Wᵀ · g_b)`,
-//! - weight gradient: `dWᵀ = Σ_b cols(x_b) · g_bᵀ` (the long pixel axis is the inner
-//!   dimension, read in order), bias gradient: the channel sums of `g`.
+//! - weight gradient: `dW = Σ_b g_b · cols(x_b)ᵀ` with the transposed columns written patch
+//!   by patch (the product reads them row by row), bias gradient: the channel sums of `g`.
 //!
 //! On other devices [`conv2d`] falls back to candle's own `conv2d` (which has a backward).
 //! Only square kernels, no dilation, no groups, F32.
@@ -252,23 +252,22 @@ impl CustomOp2 for GradWeightOp {
         );
         let (ckk, cout, p) = (g.ckk(), g.cout, g.pixels());
         let wlen = cout * ckk;
-        // dWᵀ (CKK × Cout) = Σ_b cols_b (CKK × P) · g_bᵀ (P × Cout).
-        let dwt = x
+        // dW (Cout × CKK) = Σ_b g_b (Cout × P) · cols_bᵀ (P × CKK), the transposed columns
+        // written patch by patch so that the product reads them row by row.
+        let dw = x
             .par_chunks(g.in_len().max(1))
             .zip(gr.par_chunks(g.out_len().max(1)))
             .fold(
                 || vec![0f32; wlen],
                 |mut acc, (x_b, g_b)| {
                     // One thread: the batch already runs in parallel.
-                    let mut product = |cols: &[f32]| {
-                        matmul(ckk, cout, p, &mut acc, true, cols, p, 1, g_b, 1, p, 1)
-                    };
                     if g.trivial_cols() {
-                        product(x_b);
+                        // cols_bᵀ = x_bᵀ: B[p][c] = x_b[c·P + p].
+                        matmul(cout, ckk, p, &mut acc, true, g_b, p, 1, x_b, 1, p, 1);
                     } else {
-                        with_scratch(ckk * p, |cols| {
-                            g.im2col(x_b, cols);
-                            product(cols);
+                        with_scratch(ckk * p, |cols_t| {
+                            g.im2col_t(x_b, cols_t);
+                            matmul(cout, ckk, p, &mut acc, true, g_b, p, 1, cols_t, ckk, 1, 1);
                         });
                     }
                     acc
@@ -281,10 +280,6 @@ impl CustomOp2 for GradWeightOp {
                     a
                 },
             );
-        let mut dw = Vec::with_capacity(wlen);
-        for o in 0..cout {
-            dw.extend((0..ckk).map(|j| dwt[j * cout + o]));
-        }
         Ok((CpuStorage::F32(dw), Shape::from(wdims.to_vec())))
     }
 }
