@@ -175,7 +175,7 @@ impl UNetConfig {
 }
 
 /// Largest batch one CPU forward processes at once (see `forward_projected`).
-pub const CPU_MICRO_BATCH: usize = 16;
+pub const CPU_MICRO_BATCH: usize = 32;
 
 /// Largest micro-batch of a narrow network, whose micro-batches run in parallel.
 pub const NARROW_MICRO_BATCH: usize = 8;
