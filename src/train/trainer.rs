@@ -11,6 +11,7 @@ use super::margin::MarginHead;
 use super::net::TrainNet;
 use super::optim::{Sgd, SgdConfig};
 use super::schedule::LrSchedule;
+use crate::kernels::gemm::on_pool;
 use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Device, Var};
 use candle_nn::{VarBuilder, VarMap};
@@ -150,8 +151,13 @@ impl Trainer {
         Ok(())
     }
 
-    /// One forward/backward/SGD step on `batch` at the schedule's current learning rate.
+    /// One forward/backward/SGD step on `batch` at the schedule's current learning rate, on
+    /// a rayon worker whose kernels use every thread ([`on_pool`]).
     pub fn step(&mut self, batch: &Batch) -> Result<StepOutput> {
+        on_pool(|| self.step_on_this_thread(batch))
+    }
+
+    fn step_on_this_thread(&mut self, batch: &Batch) -> Result<StepOutput> {
         let x = batch.tensor(self.net.config().input_size, &self.device)?;
         let emb = self.net.forward_t(&x, true)?;
         let out = self.head.forward(&emb, &batch.labels)?;
