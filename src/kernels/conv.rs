@@ -109,30 +109,23 @@ impl Geom {
     /// The transposed columns, one patch per output pixel:
     /// `cols_t[oy·wo + ox][(c·k + ky)·k + kx] = x[c][oy·s + ky − p][ox·s + kx − p]` (0 outside).
     pub(crate) fn im2col_t(&self, x: &[f32], cols_t: &mut [f32]) {
-        let (k, ckk, hw) = (self.k, self.ckk(), self.h * self.w);
+        let (kk, ckk, hw) = (self.k * self.k, self.ckk(), self.h * self.w);
+        // Source offset in a channel plane of each kernel tap (`usize::MAX`: outside).
+        let mut taps = vec![usize::MAX; kk];
         for oy in 0..self.ho {
             for ox in 0..self.wo {
+                for (t, tap) in taps.iter_mut().enumerate() {
+                    let (ky, kx) = (t / self.k, t % self.k);
+                    *tap = match (self.src(oy, ky, self.h), self.src(ox, kx, self.w)) {
+                        (Some(iy), Some(ix)) => iy * self.w + ix,
+                        _ => usize::MAX,
+                    };
+                }
                 let row = &mut cols_t[(oy * self.wo + ox) * ckk..][..ckk];
-                for ky in 0..k {
-                    let iy = self.src(oy, ky, self.h);
-                    for kx in 0..k {
-                        let at = match (iy, self.src(ox, kx, self.w)) {
-                            (Some(iy), Some(ix)) => Some(iy * self.w + ix),
-                            _ => None,
-                        };
-                        let first = ky * k + kx;
-                        match at {
-                            Some(at) => {
-                                for c in 0..self.cin {
-                                    row[c * k * k + first] = x[c * hw + at];
-                                }
-                            }
-                            None => {
-                                for c in 0..self.cin {
-                                    row[c * k * k + first] = 0.0;
-                                }
-                            }
-                        }
+                for (c, patch) in row.chunks_exact_mut(kk).enumerate() {
+                    let plane = &x[c * hw..(c + 1) * hw];
+                    for (v, &tap) in patch.iter_mut().zip(&taps) {
+                        *v = if tap == usize::MAX { 0.0 } else { plane[tap] };
                     }
                 }
             }
