@@ -492,7 +492,7 @@ mod tests {
     /// The fused 1×1 projection of a `(B, in, N)` sequence against candle's ops: values
     /// and the gradients of input, weight and bias; off the training path it declines.
     #[test]
-    fn fused_channels_linear_matches_candle_conv1d() {
+    fn fused_channels_linear_matches_a_batched_matmul() {
         let dev = Device::Cpu;
         let x = Var::randn(0f32, 1.0, (3, 5, 7), &dev).unwrap();
         let w = Var::randn(0f32, 1.0, (4, 5, 1), &dev).unwrap();
