@@ -616,13 +616,7 @@ unsafe fn gemm_region(
 ) {
     let nr = simd.nr();
     let (m, k) = (a.m, a.k);
-    PACKED_B.with(|cell| {
-        let mut fresh = Vec::new();
-        let mut guard = cell.try_borrow_mut();
-        let buf = match guard.as_deref_mut() {
-            Ok(buf) => buf,
-            Err(_) => &mut fresh,
-        };
+    super::with_thread_buffer(&PACKED_B, |buf| {
         let need = KC * NC.div_ceil(nr) * nr;
         if buf.len() < need {
             buf.resize(need, 0.0);

@@ -1,6 +1,6 @@
 //! Fast CPU kernels shared by inference and training: packed matrix products on AVX-512,
-//! AVX2 or portable code ([`gemm`]), convolutions built on them ([`conv`]; at inference,
-//! wide 3×3 layers by Winograd's F(2×2, 3×3), [`winograd`]) and a one-op GroupNorm with
+//! AVX2 or portable code ([`gemm`]), convolutions built on them ([`conv`]; wide 3×3
+//! layers by Winograd's F(2×2, 3×3) where that is faster, [`winograd`]) and a one-op GroupNorm with
 //! its modulation and activation ([`norm`]).
 //!
 //! They take the place of candle's CPU ops for F32 tensors; on other devices and dtypes the
@@ -52,6 +52,19 @@ impl<T> PackedCache<T> {
         let p = build()?;
         f(self.0.get_or_init(|| p))
     }
+}
+
+/// Runs `f` on this thread's buffer in `slot`, kept between calls so that large buffers are
+/// not mapped (and page-faulted) anew; on a fresh one when the slot is already in use further
+/// up this thread's stack (a kernel entered again from inside itself, e.g. by work stealing).
+pub(crate) fn with_thread_buffer<T: Default + 'static, R>(
+    slot: &'static std::thread::LocalKey<std::cell::RefCell<T>>,
+    f: impl FnOnce(&mut T) -> R,
+) -> R {
+    slot.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => f(&mut buf),
+        Err(_) => f(&mut T::default()),
+    })
 }
 
 /// A tensor's values as a flat F32 vector (for packing parameters).

@@ -113,13 +113,7 @@ impl WinogradWeights {
             .collect();
         let out = y.as_mut_ptr() as usize;
         let run = |&(r0, r1): &(usize, usize)| {
-            BUFFERS.with(|cell| {
-                let mut fresh = (Vec::new(), Vec::new());
-                let mut guard = cell.try_borrow_mut();
-                let (v, m) = match guard.as_deref_mut() {
-                    Ok((v, m)) => (v, m),
-                    Err(_) => (&mut fresh.0, &mut fresh.1),
-                };
+            super::with_thread_buffer(&BUFFERS, |(v, m)| {
                 // SAFETY: blocks cover disjoint rows of tiles, so disjoint output rows.
                 unsafe { self.block(x, &geo, r0, r1, bias, out as *mut f32, v, m) };
             })

@@ -16,8 +16,8 @@
 //! Only square kernels, no dilation, no groups, F32.
 
 use crate::kernels::conv::{ConvWeights, Geom};
-use crate::kernels::f32_values;
 use crate::kernels::gemm::{gemm, matmul, Matrix, Output, PackedA};
+use crate::kernels::{f32_values, with_thread_buffer};
 use crate::train::fused::channel_sum;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -30,15 +30,11 @@ thread_local! {
 
 /// Runs `f` on this thread's scratch buffer resized to `len` values (contents unspecified).
 fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    SCRATCH.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buf) => {
-            if buf.len() < len {
-                buf.resize(len, 0.0);
-            }
-            f(&mut buf[..len])
+    with_thread_buffer(&SCRATCH, |buf| {
+        if buf.len() < len {
+            buf.resize(len, 0.0);
         }
-        // Re-entered on the same thread (not expected): use a fresh buffer.
-        Err(_) => f(&mut vec![0.0; len]),
+        f(&mut buf[..len])
     })
 }
 
