@@ -59,3 +59,18 @@ pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
         .and_then(|d| d.to_scalar::<f32>())
         .expect("max abs diff")
 }
+
+/// The gradients of `Σ y ⊙ probe` (a random linear read-out of `y`) with respect to every
+/// variable `y` depends on.
+///
+/// # Panics
+/// When the shapes differ or the backward pass fails.
+pub fn probed_grads(
+    y: &candle_core::Tensor,
+    probe: &candle_core::Tensor,
+) -> candle_core::backprop::GradStore {
+    (y * probe)
+        .and_then(|p| p.sum_all())
+        .and_then(|s| s.backward())
+        .expect("probed gradients")
+}

@@ -450,7 +450,7 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    use crate::testutil::{max_abs, max_abs_diff as max_diff};
+    use crate::testutil::{max_abs, max_abs_diff as max_diff, probed_grads};
 
     #[test]
     fn matches_candle_conv2d_values_and_gradients() {
@@ -513,18 +513,8 @@ mod tests {
         assert_eq!(ours.dims(), &[3, 4, 7]);
         assert!(max_diff(&ours, &theirs) < 1e-5);
         let probe = Tensor::randn(0f32, 1.0, (3, 4, 7), &dev).unwrap();
-        let g_ours = (&ours * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g_theirs = (&theirs * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g_ours = probed_grads(&ours, &probe);
+        let g_theirs = probed_grads(&theirs, &probe);
         for v in [&x, &w, &bias] {
             let (a, b) = (
                 g_ours.get(v.as_tensor()).unwrap(),

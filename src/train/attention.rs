@@ -221,7 +221,7 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    use crate::testutil::{max_abs, max_abs_diff};
+    use crate::testutil::{max_abs, max_abs_diff, probed_grads};
 
     /// Values and the gradients of queries, keys and values against candle's composed
     /// attention (transposes, batched matmuls, softmax).
@@ -250,18 +250,8 @@ mod tests {
             assert_eq!(ours.dims(), &[h, d, nq]);
             assert!(max_abs_diff(&ours, &theirs) < 1e-5);
             let probe = Tensor::randn(0f32, 1.0, (h, d, nq), &dev).unwrap();
-            let g_ours = (&ours * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g_theirs = (&theirs * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let g_ours = probed_grads(&ours, &probe);
+            let g_theirs = probed_grads(&theirs, &probe);
             for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
                 let (a, b) = (
                     g_ours.get(var.as_tensor()).unwrap(),

@@ -330,7 +330,7 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    use crate::testutil::max_abs_diff as max_diff;
+    use crate::testutil::{max_abs_diff as max_diff, probed_grads};
 
     /// Values and the gradients of input, weight and bias against candle's conv2d, for the
     /// flipped-kernel input gradient (stride 1) and the col2im one (stride 2).
@@ -374,18 +374,8 @@ mod tests {
             assert_eq!(got.dims(), want.dims());
             assert!(max_diff(&got, &want) < 1e-4);
             let probe = Tensor::randn(0f32, 1., want.dims(), &dev).unwrap();
-            let gw = (want * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let gg = (got * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let gw = probed_grads(&want, &probe);
+            let gg = probed_grads(&got, &probe);
             for v in [&x, &w, &bias] {
                 let (a, b) = (
                     gw.get(v.as_tensor()).unwrap(),

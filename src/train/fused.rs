@@ -799,7 +799,7 @@ mod tests {
     use candle_core::Device;
     use candle_nn::VarMap;
 
-    use crate::testutil::max_abs_diff as max_diff;
+    use crate::testutil::{max_abs_diff as max_diff, probed_grads};
 
     /// Fused ops against candle_nn on the same variables: outputs, all gradients and the
     /// running-statistics update.
@@ -838,18 +838,8 @@ mod tests {
                 .forward(&rbn.forward_t(x.as_tensor(), true).unwrap())
                 .unwrap();
             assert!(max_diff(&yf, &yr) < 1e-4, "{shape:?} forward");
-            let gf = (yf * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let gr = (yr * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let gf = probed_grads(&yf, &probe);
+            let gr = probed_grads(&yr, &probe);
             assert!(
                 max_diff(
                     gf.get(x.as_tensor()).unwrap(),
@@ -903,9 +893,7 @@ mod tests {
                 let theirs = reference.forward(x.as_tensor()).unwrap();
                 assert!(max_diff(&ours, &theirs) < 1e-4, "{shape:?} g{groups}");
                 let probe = Tensor::randn(0f32, 1., shape.as_slice(), &dev).unwrap();
-                let backward =
-                    |y: Tensor| (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-                let (go, gt) = (backward(ours), backward(theirs));
+                let (go, gt) = (probed_grads(&ours, &probe), probed_grads(&theirs, &probe));
                 for v in [&x, &w, &b] {
                     let (a, e) = (
                         go.get(v.as_tensor()).unwrap(),
@@ -932,17 +920,8 @@ mod tests {
         let dev = Device::Cpu;
         let x = Var::randn(0f32, 3.0, (2, 5, 3, 4), &dev).unwrap();
         let probe = Tensor::randn(0f32, 1., (2, 5, 3, 4), &dev).unwrap();
-        let grad_of = |y: &Tensor, v: &Var| {
-            (y * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap()
-                .get(v.as_tensor())
-                .unwrap()
-                .clone()
-        };
+        let grad_of =
+            |y: &Tensor, v: &Var| probed_grads(y, &probe).get(v.as_tensor()).unwrap().clone();
         for (act, theirs) in [
             (Activation::Silu, x.as_tensor().silu().unwrap()),
             (Activation::GeluErf, x.as_tensor().gelu_erf().unwrap()),
