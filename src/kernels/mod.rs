@@ -1,7 +1,7 @@
 //! Fast CPU kernels shared by inference and training: packed matrix products on AVX-512,
 //! AVX2 or portable code ([`gemm`]), convolutions built on them ([`conv`]; wide 3×3
-//! layers by Winograd's F(2×2, 3×3) where that is faster, [`winograd`]) and a one-op GroupNorm with
-//! its modulation and activation ([`norm`]).
+//! layers by Winograd's F(2×2, 3×3) where that is faster, [`winograd`]) and a one-op
+//! GroupNorm with its modulation and activation ([`norm`]).
 //!
 //! They take the place of candle's CPU ops for F32 tensors; on other devices and dtypes the
 //! models keep candle's own ops. `IDIFF_SIMD=avx2` (or [`gemm::set_simd`]) forces the AVX2

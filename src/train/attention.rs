@@ -44,12 +44,12 @@ impl Dims {
     }
 }
 
-/// `P = softmax_rows(α·qᵀk)` (Nq × Nk) of one head.
-fn weights(q: &[f32], k: &[f32], dm: Dims, alpha: f32) -> Vec<f32> {
+/// `P = softmax_rows(α·qᵀk)` (Nq × Nk) of one head; row `c` of `k` starts at `c · k_rs`.
+fn weights(q: &[f32], k: &[f32], k_rs: usize, dm: Dims, alpha: f32) -> Vec<f32> {
     let (d, nq, nk) = (dm.d, dm.nq, dm.nk);
     let mut p = vec![0f32; nq * nk];
     // A = qᵀ (Nq × d): A[i][c] = q[c·Nq + i]; B = k (d × Nk).
-    matmul(nq, nk, d, &mut p, false, q, 1, nq, k, nk, 1, 1);
+    matmul(nq, nk, d, &mut p, false, q, 1, nq, k, k_rs, 1, 1);
     for row in p.chunks_exact_mut(nk) {
         math::map_in_place(row, |s| s * alpha);
         math::softmax(row);
@@ -93,7 +93,7 @@ impl CustomOp3 for AttentionOp {
                     &k[h * d * nk..][..d * nk],
                     &v[h * d * nk..][..d * nk],
                 );
-                let p = weights(qh, kh, dm, self.alpha);
+                let p = weights(qh, kh, nk, dm, self.alpha);
                 // O (d × Nq) = v · Pᵀ: B[j][i] = P[i·Nk + j].
                 matmul(d, nq, nk, o, false, vh, nk, 1, &p, 1, nk, 1);
             });
@@ -161,21 +161,16 @@ impl CustomOp3 for AttentionBwdOp {
             .for_each(|(hd, o)| {
                 let qh = &q[hd * d * nq..][..d * nq];
                 let gh = &g[hd * d * nq..][..d * nq];
-                // Keys and values of this head: rows of 2·Nk, keys first.
-                let mut kh = vec![0f32; d * nk];
-                let mut vh = vec![0f32; d * nk];
-                for c in 0..d {
-                    let row = &kv[(hd * d + c) * 2 * nk..][..2 * nk];
-                    kh[c * nk..][..nk].copy_from_slice(&row[..nk]);
-                    vh[c * nk..][..nk].copy_from_slice(&row[nk..]);
-                }
-                let p = weights(qh, &kh, dm, alpha);
+                // Keys and values of this head, read in place: rows of 2·Nk, keys first.
+                let kvh = &kv[hd * d * 2 * nk..][..d * 2 * nk];
+                let (kh, vh) = (kvh, &kvh[nk..]);
+                let p = weights(qh, kh, 2 * nk, dm, alpha);
                 // dv (d × Nk) = dO · P.
                 let mut dv = vec![0f32; d * nk];
                 matmul(d, nk, nq, &mut dv, false, gh, nq, 1, &p, nk, 1, 1);
                 // dP (Nq × Nk) = dOᵀ · v, then dS = α·P ⊙ (dP − rowsum(dP ⊙ P)).
                 let mut ds = vec![0f32; nq * nk];
-                matmul(nq, nk, d, &mut ds, false, gh, 1, nq, &vh, nk, 1, 1);
+                matmul(nq, nk, d, &mut ds, false, gh, 1, nq, vh, 2 * nk, 1, 1);
                 for (drow, prow) in ds.chunks_exact_mut(nk).zip(p.chunks_exact(nk)) {
                     let dot: f32 = drow.iter().zip(prow).map(|(a, b)| a * b).sum();
                     for (dv, &pv) in drow.iter_mut().zip(prow) {
@@ -184,7 +179,7 @@ impl CustomOp3 for AttentionBwdOp {
                 }
                 // dq (d × Nq) = k · dSᵀ; dk (d × Nk) = q · dS.
                 let mut dq = vec![0f32; d * nq];
-                matmul(d, nq, nk, &mut dq, false, &kh, nk, 1, &ds, 1, nk, 1);
+                matmul(d, nq, nk, &mut dq, false, kh, 2 * nk, 1, &ds, 1, nk, 1);
                 let mut dk = vec![0f32; d * nk];
                 matmul(d, nk, nq, &mut dk, false, qh, nq, 1, &ds, nk, 1, 1);
                 for c in 0..d {
