@@ -11,11 +11,12 @@ use super::data::{images_to_tensor, FaceSet};
 use super::optim::{self, AdamW, AdamWConfig, Ema};
 use super::train_layers::{current_kernels, with_kernels, TrainKernels};
 use crate::diffusion::schedule::Schedule;
-use crate::kernels::gemm::on_pool;
+use crate::kernels::gemm::{on_pool, one_thread_per_kernel};
 use crate::models::iresnet::{normalise, IResNet, IResNetConfig};
 use crate::models::unet::{ConditionalUNet, Prediction, UNetConfig};
 use crate::models::vq::{VqConfig, VqEncoder};
 use anyhow::{Context, Result};
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use clap::Args;
@@ -163,6 +164,22 @@ pub struct DiffusionBatch {
     pub keep: Vec<f32>,
 }
 
+impl DiffusionBatch {
+    /// The `n` rows from `start`.
+    fn part(&self, start: usize, n: usize) -> Result<Self> {
+        Ok(Self {
+            x0: self.x0.narrow(0, start, n)?,
+            ctx: self.ctx.narrow(0, start, n)?,
+            t: self.t[start..start + n].to_vec(),
+            noise: self.noise.narrow(0, start, n)?,
+            keep: self.keep[start..start + n].to_vec(),
+        })
+    }
+}
+
+/// Images per part of a training batch on the CPU (see [`TrainableUNet::loss_and_grads`]).
+pub const TRAIN_PART: usize = 16;
+
 /// A trainable U-Net on its own `VarMap`.
 pub struct TrainableUNet {
     /// The parameters.
@@ -190,6 +207,78 @@ impl TrainableUNet {
         batch: &DiffusionBatch,
         cpd: f64,
         min_snr_gamma: f64,
+    ) -> Result<Tensor> {
+        self.part_loss(schedule, batch, cpd, min_snr_gamma, batch.t.len())
+    }
+
+    /// The loss and the gradients of one batch: on the CPU the batch is cut into parts of
+    /// [`TRAIN_PART`] images whose losses and gradients are computed side by side (one thread
+    /// each, the whole chain of forward and backward ops per part) and summed in part order,
+    /// so the result does not depend on the number of threads; elsewhere one pass.
+    pub fn loss_and_grads(
+        &self,
+        schedule: &Schedule,
+        batch: &DiffusionBatch,
+        cpd: f64,
+        min_snr_gamma: f64,
+    ) -> Result<(f64, GradStore)> {
+        let b = batch.t.len();
+        let part = |start: usize, n: usize| -> Result<(f64, GradStore)> {
+            let part = batch.part(start, n)?;
+            let loss = self.part_loss(schedule, &part, cpd, min_snr_gamma, b)?;
+            let grads = loss.backward()?;
+            Ok((f64::from(loss.to_scalar::<f32>()?), grads))
+        };
+        if !batch.x0.device().is_cpu() || b <= TRAIN_PART {
+            return part(0, b);
+        }
+        use rayon::prelude::*;
+        let kernels = current_kernels();
+        let parts = (0..b)
+            .step_by(TRAIN_PART)
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(|start| {
+                with_kernels(kernels, || {
+                    one_thread_per_kernel(|| part(start, TRAIN_PART.min(b - start)))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let loss = parts.iter().map(|(l, _)| l).sum();
+        let vars = self.varmap.all_vars();
+        let mut parts = parts.into_iter().map(|(_, g)| g);
+        let mut grads = parts.next().expect("a batch has at least one part");
+        let rest: Vec<GradStore> = parts.collect();
+        let sums = vars
+            .par_iter()
+            .map(|v| {
+                let Some(first) = grads.get(v) else {
+                    return Ok(None);
+                };
+                let mut sum = first.clone();
+                for g in rest.iter().filter_map(|g| g.get(v)) {
+                    sum = (sum + g)?;
+                }
+                Ok(Some(sum))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (v, sum) in vars.iter().zip(sums) {
+            if let Some(sum) = sum {
+                grads.insert(v, sum);
+            }
+        }
+        Ok((loss, grads))
+    }
+
+    /// The summed, weighted per-sample losses of `batch` divided by `total`: the loss of a
+    /// batch of `total` images when `batch` is all of it, its share of that loss otherwise.
+    fn part_loss(
+        &self,
+        schedule: &Schedule,
+        batch: &DiffusionBatch,
+        cpd: f64,
+        min_snr_gamma: f64,
+        total: usize,
     ) -> Result<Tensor> {
         let DiffusionBatch {
             x0,
@@ -222,8 +311,9 @@ impl TrainableUNet {
             Prediction::V => (noise.broadcast_mul(&sa)? - x0.broadcast_mul(&sb)?)?,
         };
         let per_sample = (out - target)?.sqr()?.flatten_from(1)?.mean(1)?;
+        let share = |x: Tensor| -> Result<Tensor> { Ok((x.sum_all()? / total as f64)?) };
         if min_snr_gamma <= 0.0 {
-            return Ok(per_sample.mean_all()?);
+            return share(per_sample);
         }
         let w: Vec<f32> = t
             .iter()
@@ -238,7 +328,7 @@ impl TrainableUNet {
             })
             .collect();
         let w = Tensor::from_vec(w, b, dev)?;
-        Ok((per_sample * w)?.mean_all()?)
+        share((per_sample * w)?)
     }
 }
 
@@ -528,13 +618,12 @@ fn train_step(
     let kernels = current_kernels();
     on_pool(|| {
         with_kernels(kernels, || {
-            let loss = model.loss(schedule, batch, a.cpd, a.min_snr_gamma)?;
-            let grads = loss.backward()?;
+            let (loss, grads) = model.loss_and_grads(schedule, batch, a.cpd, a.min_snr_gamma)?;
             let gn = opt.grad_norm(&grads)?;
             let scale = if gn > 1.0 { 1.0 / gn } else { 1.0 };
             opt.step_scaled(&grads, scale)?;
             ema.update(opt.vars(), opt.step)?;
-            Ok((f64::from(loss.to_scalar::<f32>()?), gn))
+            Ok((loss, gn))
         })
     })
 }
@@ -825,6 +914,68 @@ mod tests {
             let diff = max_abs_diff(a, b);
             assert!(
                 diff <= 1e-3 * scale.max(1e-3),
+                "{name}: {diff} (scale {scale})"
+            );
+        }
+    }
+
+    /// A batch longer than one part: the summed parts give the whole batch's loss and
+    /// gradients, bit for bit the same with one thread or two.
+    #[test]
+    fn batch_parts_sum_to_the_whole_batch_for_any_thread_count() {
+        let dev = Device::Cpu;
+        let m = TrainableUNet::new(&tiny(), &dev).unwrap();
+        let vars = optim::named_vars(&m.varmap);
+        let b = TRAIN_PART + 5;
+        let batch = DiffusionBatch {
+            x0: Tensor::randn(0f32, 1.0, (b, 3, 8, 8), &dev).unwrap(),
+            ctx: normalise(&Tensor::randn(0f32, 1.0, (b, 8), &dev).unwrap()).unwrap(),
+            t: (0..b).map(|i| 37 * i % 1000).collect(),
+            noise: Tensor::randn(0f32, 1.0, (b, 3, 8, 8), &dev).unwrap(),
+            keep: (0..b).map(|i| f32::from(u8::from(i % 4 != 0))).collect(),
+        };
+        let schedule = Schedule::reference();
+        let whole = m.loss(&schedule, &batch, 0.0, 5.0).unwrap();
+        let whole_grads = whole.backward().unwrap();
+        let whole = f64::from(whole.to_scalar::<f32>().unwrap());
+        let parted = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let (loss, grads) = pool
+                .install(|| on_pool(|| m.loss_and_grads(&schedule, &batch, 0.0, 5.0)))
+                .unwrap();
+            let g: Vec<Vec<f32>> = vars
+                .iter()
+                .map(|(_, v)| {
+                    let g = grads.get(v.as_tensor()).unwrap();
+                    g.flatten_all().unwrap().to_vec1().unwrap()
+                })
+                .collect();
+            (loss, g)
+        };
+        let (one_loss, one) = parted(1);
+        let (two_loss, two) = parted(2);
+        assert_eq!(one_loss.to_bits(), two_loss.to_bits());
+        let differing: Vec<&str> = vars
+            .iter()
+            .zip(one.iter().zip(&two))
+            .filter(|(_, (a, b))| a != b)
+            .map(|((name, _), _)| name.as_str())
+            .collect();
+        assert!(differing.is_empty(), "thread count changes {differing:?}");
+        assert!(
+            (one_loss - whole).abs() < 1e-5 * whole,
+            "{one_loss} vs {whole}"
+        );
+        for ((name, v), got) in vars.iter().zip(&one) {
+            let want = whole_grads.get(v.as_tensor()).unwrap();
+            let got = Tensor::from_slice(got, want.shape(), &dev).unwrap();
+            let scale = max_abs(want);
+            let diff = max_abs_diff(&got, want);
+            assert!(
+                diff <= 1e-4 * scale.max(1e-3),
                 "{name}: {diff} (scale {scale})"
             );
         }

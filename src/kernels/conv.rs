@@ -106,34 +106,8 @@ impl Geom {
         (lo, hi.max(lo))
     }
 
-    /// The transposed columns, one patch per output pixel:
-    /// `cols_t[oy·wo + ox][(c·k + ky)·k + kx] = x[c][oy·s + ky − p][ox·s + kx − p]` (0 outside).
-    pub(crate) fn im2col_t(&self, x: &[f32], cols_t: &mut [f32]) {
-        let (kk, ckk, hw) = (self.k * self.k, self.ckk(), self.h * self.w);
-        // Source offset in a channel plane of each kernel tap (`usize::MAX`: outside).
-        let mut taps = vec![usize::MAX; kk];
-        for oy in 0..self.ho {
-            for ox in 0..self.wo {
-                for (t, tap) in taps.iter_mut().enumerate() {
-                    let (ky, kx) = (t / self.k, t % self.k);
-                    *tap = match (self.src(oy, ky, self.h), self.src(ox, kx, self.w)) {
-                        (Some(iy), Some(ix)) => iy * self.w + ix,
-                        _ => usize::MAX,
-                    };
-                }
-                let row = &mut cols_t[(oy * self.wo + ox) * ckk..][..ckk];
-                for (c, patch) in row.chunks_exact_mut(kk).enumerate() {
-                    let plane = &x[c * hw..(c + 1) * hw];
-                    for (v, &tap) in patch.iter_mut().zip(&taps) {
-                        *v = if tap == usize::MAX { 0.0 } else { plane[tap] };
-                    }
-                }
-            }
-        }
-    }
-
-    /// Adjoint of the column matrix `cols[(c·k + ky)·k + kx][oy·wo + ox]` (the transpose of
-    /// [`Geom::im2col_t`]): accumulates `cols` into `dx` (which must start at zero).
+    /// Adjoint of the column matrix `cols[(c·k + ky)·k + kx][oy·wo + ox]` (see [`Im2col`]):
+    /// accumulates `cols` into `dx` (which must start at zero).
     pub(crate) fn col2im(&self, cols: &[f32], dx: &mut [f32]) {
         let (k, p, s) = (self.k, self.pixels(), self.stride);
         for c in 0..self.cin {
@@ -189,6 +163,53 @@ struct Run {
     image: usize,
     oy: usize,
     ox: usize,
+}
+
+/// The transposed im2col columns of a batch of channels-last images `x[b][y][x][c]`, with
+/// the columns in tap-major order, as a [`PanelSource`]: row `b·pixels + oy·wo + ox`,
+/// column `(ky·k + kx)·cin + c` holds `x[b][oy·s + ky − p][ox·s + kx − p][c]` (0 outside
+/// the image). Each tap's channels are contiguous in the input, so rows are copied in runs.
+pub(crate) struct Im2colChannelsLastT<'a> {
+    pub(crate) g: &'a Geom,
+    pub(crate) x: &'a [f32],
+}
+
+impl PanelSource for Im2colChannelsLastT<'_> {
+    fn pack(&self, k0: usize, kc: usize, n0: usize, len: usize, nr: usize, out: &mut [f32]) {
+        let g = self.g;
+        let (kk, cin, pixels, in_len) = (g.k * g.k, g.cin, g.pixels(), g.in_len());
+        let panels = len.div_ceil(nr);
+        // Offset in the image of each kernel tap's channels (`usize::MAX`: outside).
+        let mut taps = vec![usize::MAX; kk];
+        for p in 0..kc {
+            let (b, pixel) = ((k0 + p) / pixels, (k0 + p) % pixels);
+            let (oy, ox) = (pixel / g.wo, pixel % g.wo);
+            for (t, tap) in taps.iter_mut().enumerate() {
+                *tap = match (g.src(oy, t / g.k, g.h), g.src(ox, t % g.k, g.w)) {
+                    (Some(iy), Some(ix)) => (iy * g.w + ix) * cin,
+                    _ => usize::MAX,
+                };
+            }
+            let image = &self.x[b * in_len..][..in_len];
+            for jp in 0..panels {
+                let j0 = n0 + jp * nr;
+                let w = nr.min(n0 + len - j0);
+                let dst = &mut out[(jp * kc + p) * nr..][..nr];
+                let mut d = 0;
+                while d < w {
+                    let (t, c) = ((j0 + d) / cin, (j0 + d) % cin);
+                    let run = (cin - c).min(w - d);
+                    let seg = &mut dst[d..d + run];
+                    match taps[t] {
+                        usize::MAX => seg.fill(0.0),
+                        tap => seg.copy_from_slice(&image[tap + c..][..run]),
+                    }
+                    d += run;
+                }
+                dst[w..].fill(0.0);
+            }
+        }
+    }
 }
 
 impl PanelSource for Im2col<'_> {

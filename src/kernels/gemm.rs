@@ -168,6 +168,31 @@ impl PackedA {
         Self { m, k, data }
     }
 
+    /// Packs an `m × k` matrix given row by row: `row(i, p0, out)` writes
+    /// `A[i][p0..p0 + out.len()]` into `out`.
+    pub fn from_rows(m: usize, k: usize, row: impl Fn(usize, usize, &mut [f32])) -> Self {
+        let mp = m.div_ceil(MR) * MR;
+        let mut data = vec![0f32; mp * k];
+        let mut rows = vec![0f32; MR * KC.min(k)];
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0);
+            let block = &mut data[k0 * mp..(k0 + kc) * mp];
+            for (ip, panel) in block.chunks_exact_mut(kc * MR).enumerate() {
+                let n = MR.min(m - ip * MR);
+                for (i, dst) in rows.chunks_exact_mut(kc).take(n).enumerate() {
+                    row(ip * MR + i, k0, dst);
+                }
+                // Rows past `m` stay zero.
+                for (p, dst) in panel.chunks_exact_mut(MR).enumerate() {
+                    for (i, d) in dst[..n].iter_mut().enumerate() {
+                        *d = rows[i * kc + p];
+                    }
+                }
+            }
+        }
+        Self { m, k, data }
+    }
+
     /// Rows.
     pub fn rows(&self) -> usize {
         self.m
@@ -506,6 +531,15 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         LEADS_POOL.set(previous);
         out
     })
+}
+
+/// Runs `f` with one thread per kernel (see [`kernel_threads`]) on this rayon worker, also
+/// when it leads the pool: for work that already runs in parallel parts.
+pub fn one_thread_per_kernel<R>(f: impl FnOnce() -> R) -> R {
+    let previous = LEADS_POOL.replace(false);
+    let out = f();
+    LEADS_POOL.set(previous);
+    out
 }
 
 /// `C = A · B` (or `C += A · B` with `accumulate`), then `C[i][·] += bias[i]`, for the

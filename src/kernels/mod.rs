@@ -84,3 +84,20 @@ pub(crate) fn f32_values<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Resul
         None => Err(Error::Msg(format!("{what} must be contiguous"))),
     }
 }
+
+/// Writes the transpose of the row-major `rows × cols` matrix `src` into `dst`
+/// (`cols × rows`), in square tiles so that reads and writes both stay in cache.
+pub(crate) fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    const TILE: usize = 16;
+    assert!(src.len() >= rows * cols && dst.len() >= rows * cols);
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                let row = &src[r * cols..][c0..(c0 + TILE).min(cols)];
+                for (c, &v) in (c0..).zip(row) {
+                    dst[c * rows + r] = v;
+                }
+            }
+        }
+    }
+}

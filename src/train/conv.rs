@@ -9,18 +9,24 @@
 //! - input gradient, stride 1: the convolution of `g_b` with the kernel transposed over
 //!   channels and flipped in space (padding `k − 1 − p`); other strides:
 //!   `dx_b = col2im(Wᵀ · g_b)`,
-//! - weight gradient: `dW = Σ_b g_b · cols(x_b)ᵀ` with the transposed columns written patch
-//!   by patch (the product reads them row by row), bias gradient: the channel sums of `g`.
+//! - weight gradient: `dW = Σ_b g_b · cols(x_b)ᵀ` over fixed groups of images (summed in
+//!   order, so the result does not depend on the thread count), the transposed columns
+//!   packed straight from channels-last copies of the inputs; bias gradient: the channel
+//!   sums of `g`.
 //!
 //! On other devices [`conv2d`] falls back to candle's own `conv2d` (which has a backward).
 //! Only square kernels, no dilation, no groups, F32.
 
-use crate::kernels::conv::{ConvWeights, Geom};
-use crate::kernels::gemm::{gemm, matmul, Matrix, Output, PackedA};
-use crate::kernels::{f32_values, with_thread_buffer};
+use crate::kernels::conv::{ConvWeights, Geom, Im2colChannelsLastT};
+use crate::kernels::gemm::{gemm, kernel_threads, Matrix, Output, PackedA};
+use crate::kernels::{f32_values, transpose, with_thread_buffer};
 use crate::train::fused::channel_sum;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+/// Groups of images whose weight gradients are summed apart, in parallel where threads are
+/// free, then added in order.
+const WEIGHT_GRAD_GROUPS: usize = 4;
 
 thread_local! {
     /// Per-thread im2col buffer, kept between calls so large columns are not re-mapped
@@ -248,34 +254,54 @@ impl CustomOp2 for GradWeightOp {
         );
         let (ckk, cout, p) = (g.ckk(), g.cout, g.pixels());
         let wlen = cout * ckk;
-        // dW (Cout × CKK) = Σ_b g_b (Cout × P) · cols_bᵀ (P × CKK), the transposed columns
-        // written patch by patch so that the product reads them row by row.
-        let dw = x
-            .par_chunks(g.in_len().max(1))
-            .zip(gr.par_chunks(g.out_len().max(1)))
-            .fold(
-                || vec![0f32; wlen],
-                |mut acc, (x_b, g_b)| {
-                    // One thread: the batch already runs in parallel.
-                    if g.trivial_cols() {
-                        // cols_bᵀ = x_bᵀ: B[p][c] = x_b[c·P + p].
-                        matmul(cout, ckk, p, &mut acc, true, g_b, p, 1, x_b, 1, p, 1);
-                    } else {
-                        with_scratch(ckk * p, |cols_t| {
-                            g.im2col_t(x_b, cols_t);
-                            matmul(cout, ckk, p, &mut acc, true, g_b, p, 1, cols_t, ckk, 1, 1);
-                        });
-                    }
-                    acc
-                },
-            )
-            .reduce(
-                || vec![0f32; wlen],
-                |mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                    a
-                },
-            );
+        // dW (Cout × CKK) = Σ_b g_b (Cout × P) · cols_bᵀ (P × CKK): several images' gradients
+        // side by side as one packed A; their transposed columns stacked as B, read from
+        // channels-last copies of the inputs (columns in tap-major order, permuted at the end).
+        // Fixed groups of images, each summed in order on one thread, then the groups in
+        // order: the same gradient for any number of threads.
+        let groups = g.b.clamp(1, WEIGHT_GRAD_GROUPS);
+        let (hw, kk) = (g.h * g.w, g.k * g.k);
+        let group = |i: usize| -> Vec<f32> {
+            let mut acc = vec![0f32; wlen];
+            let (first, end) = (i * g.b / groups, (i + 1) * g.b / groups);
+            let n = end - first;
+            let g_n = &gr[first * g.out_len()..end * g.out_len()];
+            let a = PackedA::from_rows(cout, n * p, |o, j0, out| {
+                let mut d = 0;
+                while d < out.len() {
+                    let (b, q) = ((j0 + d) / p, (j0 + d) % p);
+                    let run = (p - q).min(out.len() - d);
+                    out[d..d + run].copy_from_slice(&g_n[(b * cout + o) * p + q..][..run]);
+                    d += run;
+                }
+            });
+            let mut x_last = vec![0f32; n * g.in_len()];
+            for (src, dst) in x[first * g.in_len()..end * g.in_len()]
+                .chunks_exact(g.in_len())
+                .zip(x_last.chunks_exact_mut(g.in_len()))
+            {
+                transpose(src, g.cin, hw, dst);
+            }
+            let cols = Im2colChannelsLastT { g: &g, x: &x_last };
+            gemm(&a, &cols, ckk, Output::new(&mut acc, ckk), false, None, 1);
+            acc
+        };
+        let sums: Vec<Vec<f32>> = if kernel_threads() > 1 {
+            (0..groups).into_par_iter().map(group).collect()
+        } else {
+            (0..groups).map(group).collect()
+        };
+        let mut sums = sums.into_iter();
+        let mut dw = sums.next().unwrap_or_else(|| vec![0f32; wlen]);
+        for part in sums {
+            dw.iter_mut().zip(&part).for_each(|(a, b)| *a += b);
+        }
+        // Columns (ky·k + kx)·cin + c → c·k² + ky·k + kx.
+        let mut permuted = vec![0f32; wlen];
+        for (src, dst) in dw.chunks_exact(ckk).zip(permuted.chunks_exact_mut(ckk)) {
+            transpose(src, kk, g.cin, dst);
+        }
+        let dw = permuted;
         Ok((CpuStorage::F32(dw), Shape::from(wdims.to_vec())))
     }
 }
@@ -333,24 +359,29 @@ mod tests {
     use crate::testutil::{max_abs_diff as max_diff, probed_grads};
 
     /// Values and the gradients of input, weight and bias against candle's conv2d, for the
-    /// flipped-kernel input gradient (stride 1) and the col2im one (stride 2).
+    /// flipped-kernel input gradient (stride 1) and the col2im one (stride 2), for one image
+    /// and for a batch whose weight gradient sums groups of different sizes.
     #[test]
     fn forward_and_gradients_match_candle() {
         let dev = Device::Cpu;
-        for (cin, cout, k, stride, pad, h) in [
+        for case in [
             (3, 5, 3, 1, 1, 7),
             (4, 6, 3, 2, 1, 8),
             (4, 6, 1, 2, 0, 8),
             (5, 3, 1, 1, 0, 6),
             (2, 3, 3, 2, 0, 9),
             (2, 3, 3, 1, 0, 9),
-        ] {
+        ]
+        .into_iter()
+        .flat_map(|case| [(1, case), (7, case)])
+        {
+            let (b, (cin, cout, k, stride, pad, h)) = case;
             // Non-square input: forward only (candle's own conv2d backward assumes square).
             let xr = Tensor::randn(0f32, 1., (2, cin, h, h + 3), &dev).unwrap();
             let wr = Tensor::randn(0f32, 1., (cout, cin, k, k), &dev).unwrap();
             let want = xr.conv2d(&wr, pad, stride, 1, 1).unwrap();
             assert!(max_diff(&conv2d(&xr, &wr, None, stride, pad).unwrap(), &want) < 1e-4);
-            let x0 = Tensor::randn(0f32, 1., (3, cin, h, h), &dev).unwrap();
+            let x0 = Tensor::randn(0f32, 1., (b, cin, h, h), &dev).unwrap();
             let w0 = Tensor::randn(0f32, 1., (cout, cin, k, k), &dev).unwrap();
             let (x, w) = (
                 Var::from_tensor(&x0).unwrap(),
@@ -383,7 +414,7 @@ mod tests {
                 );
                 assert!(
                     max_diff(a, b) < 1e-3,
-                    "k{k} s{stride} p{pad}: {}",
+                    "b{b} k{k} s{stride} p{pad}: {}",
                     max_diff(a, b)
                 );
             }
