@@ -7,8 +7,8 @@
 //! of magnitude slower than the forward GEMM, and `GroupNorm` is a chain of broadcast ops
 //! each with its own backward (as are the backward passes of SiLU and GELU, and of a
 //! broadcast bias). Whenever a gradient is being tracked on an F32 CPU tensor these use the
-//! fused ops of [`crate::train::conv`] (the packed convolution forward, im2col + the packed
-//! product for both gradients) and [`crate::train::fused`] (GroupNorm, activations and the
+//! fused ops of [`crate::train::conv`] (the packed convolution and transposed convolution,
+//! each the other's gradient, and the packed weight gradient) and [`crate::train::fused`] (GroupNorm, activations and the
 //! channel bias: one op forward, one backward). Other devices and dtypes run candle's own
 //! layers. Parameter names (`weight`, `bias`) and initialisation are candle_nn's.
 //!
@@ -316,7 +316,13 @@ impl Module for ConvTranspose2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let cfg = self.inner.config();
         let (weight, bias) = (self.inner.weight(), self.inner.bias());
-        if cfg.output_padding != 0 || cfg.dilation != 1 || !packed_inference(x, weight) {
+        if cfg.output_padding != 0 || cfg.dilation != 1 {
+            return self.inner.forward(x);
+        }
+        if fused(x, Some(weight)) {
+            return crate::train::conv::conv_transpose2d(x, weight, bias, cfg.stride, cfg.padding);
+        }
+        if !packed_inference(x, weight) {
             return self.inner.forward(x);
         }
         self.packed.with(

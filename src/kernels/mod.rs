@@ -86,18 +86,31 @@ pub(crate) fn f32_values<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Resul
 }
 
 /// Writes the transpose of the row-major `rows × cols` matrix `src` into `dst`
-/// (`cols × rows`), in square tiles so that reads and writes both stay in cache.
+/// (`cols × rows`), 8 × 8 blocks at a time through registers, the edges one by one.
 pub(crate) fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
-    const TILE: usize = 16;
-    assert!(src.len() >= rows * cols && dst.len() >= rows * cols);
-    for r0 in (0..rows).step_by(TILE) {
-        for c0 in (0..cols).step_by(TILE) {
-            for r in r0..(r0 + TILE).min(rows) {
-                let row = &src[r * cols..][c0..(c0 + TILE).min(cols)];
-                for (c, &v) in (c0..).zip(row) {
-                    dst[c * rows + r] = v;
+    const B: usize = 8;
+    let (src, dst) = (&src[..rows * cols], &mut dst[..rows * cols]);
+    let (full_r, full_c) = (rows / B * B, cols / B * B);
+    for r0 in (0..full_r).step_by(B) {
+        for c0 in (0..full_c).step_by(B) {
+            let mut block = [[0f32; B]; B];
+            for (i, line) in block.iter_mut().enumerate() {
+                line.copy_from_slice(&src[(r0 + i) * cols + c0..][..B]);
+            }
+            for j in 0..B {
+                let out: &mut [f32; B] = (&mut dst[(c0 + j) * rows + r0..][..B])
+                    .try_into()
+                    .expect("a block row");
+                for (i, o) in out.iter_mut().enumerate() {
+                    *o = block[i][j];
                 }
             }
+        }
+    }
+    for r in 0..rows {
+        let start = if r < full_r { full_c } else { 0 };
+        for c in start..cols {
+            dst[c * rows + r] = src[r * cols + c];
         }
     }
 }

@@ -275,15 +275,16 @@ impl CustomOp2 for GradWeightOp {
                     d += run;
                 }
             });
-            let mut x_last = vec![0f32; n * g.in_len()];
-            for (src, dst) in x[first * g.in_len()..end * g.in_len()]
-                .chunks_exact(g.in_len())
-                .zip(x_last.chunks_exact_mut(g.in_len()))
-            {
-                transpose(src, g.cin, hw, dst);
-            }
-            let cols = Im2colChannelsLastT { g: &g, x: &x_last };
-            gemm(&a, &cols, ckk, Output::new(&mut acc, ckk), false, None, 1);
+            with_scratch(n * g.in_len(), |x_last| {
+                for (src, dst) in x[first * g.in_len()..end * g.in_len()]
+                    .chunks_exact(g.in_len())
+                    .zip(x_last.chunks_exact_mut(g.in_len()))
+                {
+                    transpose(src, g.cin, hw, dst);
+                }
+                let cols = Im2colChannelsLastT { g: &g, x: x_last };
+                gemm(&a, &cols, ckk, Output::new(&mut acc, ckk), false, None, 1);
+            });
             acc
         };
         let sums: Vec<Vec<f32>> = if kernel_threads() > 1 {
@@ -351,10 +352,216 @@ pub fn conv2d(
     }
 }
 
+/// Transposed convolution `(x [B, Cin, H, W], w [Cin, Cout, k, k]) → y [B, Cout, Ho, Wo]`
+/// with `Ho = (H − 1)·stride − 2·pad + k`: the input gradient of the convolution by `w`, so
+/// its own gradients are that convolution (for `x`) and its weight gradient with the roles
+/// of input and output gradient exchanged (for `w`).
+#[derive(Debug, Clone, Copy)]
+struct ConvTranspose2dOp {
+    stride: usize,
+    pad: usize,
+}
+
+impl ConvTranspose2dOp {
+    fn run(
+        &self,
+        (x, xl): (&CpuStorage, &Layout),
+        (w, wl): (&CpuStorage, &Layout),
+        bias: Option<&[f32]>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (&[_, _, h, wd], &[_, _, k, _]) = (xl.dims(), wl.dims()) else {
+            return Err(Error::Msg(
+                "conv_transpose2d: input and weight must both be 4-d".into(),
+            ));
+        };
+        let grow = |n: usize| ((n.max(1) - 1) * self.stride + k).checked_sub(2 * self.pad);
+        let (Some(ho), Some(wo)) = (grow(h), grow(wd)) else {
+            return Err(Error::Msg(format!(
+                "conv_transpose2d: input {:?} too small for kernel {k} with padding {}",
+                xl.dims(),
+                self.pad
+            )));
+        };
+        let op = GradInputOp {
+            stride: self.stride,
+            pad: self.pad,
+            h: ho,
+            w: wo,
+        };
+        let (y, shape) = op.cpu_fwd(x, xl, w, wl)?;
+        let Some(bias) = bias else {
+            return Ok((y, shape));
+        };
+        let CpuStorage::F32(mut y) = y else {
+            return Err(Error::Msg("conv_transpose2d: F32 only".into()));
+        };
+        let plane = ho * wo;
+        for (i, chunk) in y.chunks_exact_mut(plane.max(1)).enumerate() {
+            let beta = bias[i % bias.len()];
+            chunk.iter_mut().for_each(|v| *v += beta);
+        }
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    /// The gradients of input and weight.
+    fn grads(&self, x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+        let conv = Conv2dOp {
+            stride: self.stride,
+            pad: self.pad,
+        };
+        let w = w.contiguous()?;
+        let dx = grad.apply_op2_no_bwd(&w, &conv)?;
+        let dw = grad.apply_op2_no_bwd(
+            &x.contiguous()?,
+            &GradWeightOp {
+                stride: self.stride,
+                pad: self.pad,
+                k: w.dim(2)?,
+            },
+        )?;
+        Ok((dx, dw))
+    }
+}
+
+impl CustomOp2 for ConvTranspose2dOp {
+    fn name(&self) -> &'static str {
+        "fast-conv-transpose2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run((s1, l1), (s2, l2), None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = self.grads(x, w, &grad.contiguous()?)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl CustomOp3 for ConvTranspose2dOp {
+    fn name(&self) -> &'static str {
+        "fast-conv-transpose2d-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let bias = f32_values(s3, l3, "conv_transpose2d: bias")?;
+        if bias.len() != l2.dims().get(1).copied().unwrap_or(0) {
+            return Err(Error::Msg(format!(
+                "conv_transpose2d: bias of {} values for weight {:?}",
+                bias.len(),
+                l2.dims()
+            )));
+        }
+        self.run((s1, l1), (s2, l2), Some(bias))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (dx, dw) = self.grads(x, w, &grad)?;
+        Ok((Some(dx), Some(dw), Some(channel_sum(&grad)?)))
+    }
+}
+
+/// `conv_transpose2d(x, w) [+ bias]` (no output padding, no dilation) with the backward pass
+/// above on F32 CPU tensors; candle's own op elsewhere.
+pub fn conv_transpose2d(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
+        let y = x.conv_transpose2d(w, padding, 0, stride, 1)?;
+        return match bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            None => Ok(y),
+        };
+    }
+    let op = ConvTranspose2dOp {
+        stride,
+        pad: padding,
+    };
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match bias {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, op),
+        None => x.apply_op2(&w, op),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    /// Values and the gradients of input, weight and bias against candle's
+    /// conv_transpose2d (the U-Net's ×2 upsampling and a stride-1 case).
+    #[test]
+    fn transposed_convolution_and_gradients_match_candle() {
+        let dev = Device::Cpu;
+        for (b, cin, cout, k, stride, pad, h) in [
+            (3, 5, 4, 4, 2, 1, 6),
+            (2, 3, 6, 3, 2, 1, 5),
+            (2, 4, 3, 3, 1, 1, 7),
+        ] {
+            let x = Var::randn(0f32, 1., (b, cin, h, h), &dev).unwrap();
+            let w = Var::randn(0f32, 1., (cin, cout, k, k), &dev).unwrap();
+            let bias = Var::randn(0f32, 1., cout, &dev).unwrap();
+            let want = x
+                .as_tensor()
+                .conv_transpose2d(w.as_tensor(), pad, 0, stride, 1)
+                .unwrap()
+                .broadcast_add(&bias.as_tensor().reshape((1, cout, 1, 1)).unwrap())
+                .unwrap();
+            let got = conv_transpose2d(
+                x.as_tensor(),
+                w.as_tensor(),
+                Some(bias.as_tensor()),
+                stride,
+                pad,
+            )
+            .unwrap();
+            assert_eq!(got.dims(), want.dims());
+            assert!(max_diff(&got, &want) < 1e-4, "k{k} s{stride}");
+            let probe = Tensor::randn(0f32, 1., want.dims(), &dev).unwrap();
+            let gw = probed_grads(&want, &probe);
+            let gg = probed_grads(&got, &probe);
+            for v in [&x, &w, &bias] {
+                let (a, e) = (
+                    gg.get(v.as_tensor()).unwrap(),
+                    gw.get(v.as_tensor()).unwrap(),
+                );
+                assert!(max_diff(a, e) < 1e-3, "k{k} s{stride}: {}", max_diff(a, e));
+            }
+        }
+    }
 
     use crate::testutil::{max_abs_diff as max_diff, probed_grads};
 
