@@ -9,7 +9,6 @@
 //! ours/reference. Without `--reference` there is no reference column and no ratio.
 
 use crate::default_model::diffusion_train::{StepBench, TrainDiffusionArgs};
-use crate::default_model::train_layers::TrainKernels;
 use crate::diffusion::rng::ImageKey;
 use crate::diffusion::sampler::{Sampler, SamplerKind, SamplingSettings};
 use crate::diffusion::schedule::Schedule;
@@ -17,6 +16,7 @@ use crate::kernels::gemm::{self, Simd};
 use crate::models::iresnet::{IResNet, IResNetConfig};
 use crate::models::unet::{ConditionalUNet, UNetConfig, CONTEXT_TOKENS};
 use crate::models::vq::{VqConfig, VqDecoder};
+use crate::nn::layers::TrainKernels;
 use crate::pipeline::{parse_device, parse_dtype};
 use anyhow::{anyhow, Result};
 use candle_core::{DType, Device, Tensor};

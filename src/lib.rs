@@ -16,6 +16,7 @@ pub mod generate;
 pub mod identity;
 pub mod kernels;
 pub mod models;
+pub mod nn;
 pub mod onnx;
 pub mod parity;
 pub mod pipeline;

@@ -9,12 +9,12 @@
 
 use super::data::{images_to_tensor, FaceSet};
 use super::optim::{self, AdamW, AdamWConfig, Ema};
-use super::train_layers::{current_kernels, with_kernels, TrainKernels};
 use crate::diffusion::schedule::Schedule;
 use crate::kernels::gemm::{on_pool, one_thread_per_kernel};
 use crate::models::iresnet::{normalise, IResNet, IResNetConfig};
 use crate::models::unet::{ConditionalUNet, Prediction, UNetConfig};
 use crate::models::vq::{VqConfig, VqEncoder};
+use crate::nn::layers::{current_kernels, with_kernels, TrainKernels};
 use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};

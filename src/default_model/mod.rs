@@ -10,7 +10,6 @@ pub mod data;
 pub mod diffusion_train;
 pub mod eval;
 pub mod optim;
-pub mod train_layers;
 
 pub use assets::{default_weight_paths, DefaultModel};
 

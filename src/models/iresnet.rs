@@ -8,9 +8,9 @@
 //! training, so the same model serves the FR-training code.
 
 use crate::checkpoint::{build_checked, load_state_dict};
-use crate::default_model::train_layers::{conv2d_no_bias, Conv2d};
 use crate::kernels::math::ChannelAffine;
 use crate::kernels::tensor_values;
+use crate::nn::layers::{conv2d_no_bias, Conv2d};
 use candle_core::{DType, Device, Module, ModuleT, Result, Tensor, D};
 use candle_nn::{
     batch_norm, linear, prelu, BatchNorm, BatchNormConfig, Conv2dConfig, Linear, PReLU, VarBuilder,

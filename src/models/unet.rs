@@ -6,15 +6,15 @@
 
 use candle_core::{DType, Module, Result, Tensor};
 // `Conv2d` with a fast CPU training path; identical to candle's at inference.
-use crate::default_model::train_layers::{conv2d, gelu_erf, group_norm, silu, Conv2d, GroupNorm};
-use crate::default_model::train_layers::{conv_transpose2d, ConvTranspose2d};
-use crate::default_model::train_layers::{current_kernels, with_kernels};
-use crate::default_model::train_layers::{fused_attention, fused_channels_linear};
-use crate::default_model::train_layers::{linear, Linear};
-use crate::default_model::train_layers::{packed_inference, residual_add};
 use crate::kernels::attention::AttentionWeights;
 use crate::kernels::norm::Epilogue;
 use crate::kernels::PackedCache;
+use crate::nn::layers::{conv2d, gelu_erf, group_norm, silu, Conv2d, GroupNorm};
+use crate::nn::layers::{conv_transpose2d, ConvTranspose2d};
+use crate::nn::layers::{current_kernels, with_kernels};
+use crate::nn::layers::{fused_attention, fused_channels_linear};
+use crate::nn::layers::{linear, Linear};
+use crate::nn::layers::{packed_inference, residual_add};
 use candle_nn::{conv1d, Conv1d, Conv2dConfig};
 use candle_nn::{ConvTranspose2dConfig, VarBuilder};
 use serde::{Deserialize, Serialize};

@@ -9,12 +9,10 @@
 use crate::checkpoint::{build_checked, load_state_dict, StateDict};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 // `Conv2d` with a fast CPU training path; identical to candle's at inference.
-use crate::default_model::train_layers::{
-    conv2d, group_norm, packed_inference, residual_add, Conv2d, GroupNorm,
-};
 use crate::kernels::attention::AttentionWeights;
 use crate::kernels::norm::Epilogue;
 use crate::kernels::PackedCache;
+use crate::nn::layers::{conv2d, group_norm, packed_inference, residual_add, Conv2d, GroupNorm};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use serde::Deserialize;
 use std::path::Path;

@@ -12,11 +12,8 @@ pub mod margin;
 pub mod optim;
 pub mod schedule;
 
-pub mod attention;
 pub mod bench;
 pub mod cli;
-pub mod conv;
-pub mod fused;
 pub mod metrics;
 pub mod net;
 pub mod run;

@@ -1,13 +1,13 @@
 //! The training-side IResNet: the same architecture and parameter names as
 //! [`crate::models::iresnet::IResNet`] (so checkpoints load with `IResNet::load`), built on
-//! [`super::conv::conv2d`] whose CPU backward is fast, plus two options for small
+//! [`crate::nn::conv::conv2d`] whose CPU backward is fast, plus two options for small
 //! experiments: the stem `width` (stage channels `w, 2w, 4w, 8w`; IResNet is 64) and the
 //! `input_size` (a multiple of 16; IResNet is 112). With the defaults the network is
 //! exactly IResNet (checked by a test on shared weights).
 
-use super::conv::conv2d;
-use super::fused::{TrainBatchNorm, TrainPrelu};
 use crate::models::iresnet::IResNetConfig;
+use crate::nn::conv::conv2d;
+use crate::nn::fused::{TrainBatchNorm, TrainPrelu};
 use anyhow::{anyhow, bail, Result};
 use candle_core::{Module, Tensor};
 use candle_nn::{linear, Linear, VarBuilder};

@@ -7,8 +7,8 @@
 //! of magnitude slower than the forward GEMM, and `GroupNorm` is a chain of broadcast ops
 //! each with its own backward (as are the backward passes of SiLU and GELU, and of a
 //! broadcast bias). Whenever a gradient is being tracked on an F32 CPU tensor these use the
-//! fused ops of [`crate::train::conv`] (the packed convolution and transposed convolution,
-//! each the other's gradient, and the packed weight gradient) and [`crate::train::fused`] (GroupNorm, activations and the
+//! fused ops of [`crate::nn::conv`] (the packed convolution and transposed convolution,
+//! each the other's gradient, and the packed weight gradient) and [`crate::nn::fused`] (GroupNorm, activations and the
 //! channel bias: one op forward, one backward). Other devices and dtypes run candle's own
 //! layers. Parameter names (`weight`, `bias`) and initialisation are candle_nn's.
 //!
@@ -21,7 +21,7 @@ use crate::kernels::linear::LinearWeights;
 use crate::kernels::math::{pointwise, Pointwise};
 use crate::kernels::norm::{Epilogue, GroupNormWeights};
 use crate::kernels::PackedCache;
-use crate::train::fused::{activation, group_norm as group_norm_op, Activation};
+use crate::nn::fused::{activation, group_norm as group_norm_op, Activation};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, VarBuilder};
 use std::cell::Cell;
@@ -118,13 +118,13 @@ pub fn fused_channels_linear(
     let run = || {
         let (out, inp) = (weight.dim(0)?, weight.dim(1)?);
         let w = weight.reshape((out, inp, 1, 1))?;
-        crate::train::conv::conv2d(&x.unsqueeze(3)?, &w, bias, 1, 0)?.squeeze(3)
+        crate::nn::conv::conv2d(&x.unsqueeze(3)?, &w, bias, 1, 0)?.squeeze(3)
     };
     Some(run())
 }
 
 /// Attention of `q (heads, d, Nq)` over `k`, `v (heads, d, Nk)` with scores `alpha·qᵀk`
-/// as one op with a fused backward ([`crate::train::attention`]); `None` when no gradient
+/// as one op with a fused backward ([`crate::nn::attention`]); `None` when no gradient
 /// is tracked or the tensors are not F32 on the CPU with [`TrainKernels::Fused`].
 pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, alpha: f64) -> Option<Result<Tensor>> {
     let tracked = q.track_op() || k.track_op() || v.track_op();
@@ -134,7 +134,7 @@ pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, alpha: f64) -> Option
     if !tracked || !cpu_f32 || current_kernels() != TrainKernels::Fused {
         return None;
     }
-    Some(crate::train::attention::attention(q, k, v, alpha))
+    Some(crate::nn::attention::attention(q, k, v, alpha))
 }
 
 /// A 2-D convolution with candle's parameter names (`weight`, `bias`).
@@ -228,7 +228,7 @@ impl Module for Conv2d {
         if !fused(x, Some(weight)) {
             return im2col_conv(x, weight, bias, cfg.padding, cfg.stride);
         }
-        crate::train::conv::conv2d(x, weight, bias, cfg.stride, cfg.padding)
+        crate::nn::conv::conv2d(x, weight, bias, cfg.stride, cfg.padding)
     }
 }
 
@@ -320,7 +320,7 @@ impl Module for ConvTranspose2d {
             return self.inner.forward(x);
         }
         if fused(x, Some(weight)) {
-            return crate::train::conv::conv_transpose2d(x, weight, bias, cfg.stride, cfg.padding);
+            return crate::nn::conv::conv_transpose2d(x, weight, bias, cfg.stride, cfg.padding);
         }
         if !packed_inference(x, weight) {
             return self.inner.forward(x);

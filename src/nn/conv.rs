@@ -20,7 +20,7 @@
 use crate::kernels::conv::{ConvWeights, Geom, Im2colChannelsLastT};
 use crate::kernels::gemm::{gemm, kernel_threads, Matrix, Output, PackedA};
 use crate::kernels::{f32_values, transpose, with_thread_buffer};
-use crate::train::fused::channel_sum;
+use crate::nn::fused::channel_sum;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
