@@ -1,11 +1,11 @@
 //! Tensor-level forwards for parity checks and for Python users: read named tensors from a
 //! safetensors file, run one network, write named tensors.
 
+use crate::diffusion::checkpoint::load_unet;
 use crate::diffusion::sampler::Sampler;
 use crate::diffusion::schedule::Schedule;
 use crate::models::config::{read_config, unet_config_for};
 use crate::models::iresnet::{IResNet, IResNetConfig};
-use crate::models::unet::ConditionalUNet;
 use crate::models::vq::{VqConfig, VqDecoder, VqEncoder};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -67,7 +67,7 @@ pub fn unet(
     device: &Device,
 ) -> Result<()> {
     let (cfg, _) = unet_config_for(weights, config)?;
-    let model = ConditionalUNet::load(weights, &cfg, &Schedule::reference(), DType::F32, device)?;
+    let model = load_unet(weights, &cfg, &Schedule::reference(), DType::F32, device)?;
     let io = read_inputs(inputs, device)?;
     let x = require(&io, "x", inputs)?;
     check_finite(x, "x", inputs)?;
@@ -88,7 +88,7 @@ pub fn ddpm_steps(
 ) -> Result<()> {
     let (cfg, _) = unet_config_for(weights, config)?;
     let schedule = Schedule::reference();
-    let model = ConditionalUNet::load(weights, &cfg, &schedule, DType::F32, device)?;
+    let model = load_unet(weights, &cfg, &schedule, DType::F32, device)?;
     let io = read_inputs(inputs, device)?;
     let mut x = require(&io, "x", inputs)?.clone();
     let b = x.dim(0)?;

@@ -2,11 +2,12 @@
 //! reports the max abs error of each, so a GPU machine (or a bf16 run) can be checked
 //! without the test harness.
 
+use crate::diffusion::checkpoint::load_unet;
 use crate::diffusion::sampler::Sampler;
 use crate::diffusion::schedule::Schedule;
 use crate::models::config::read_config;
 use crate::models::iresnet::{IResNet, IResNetConfig};
-use crate::models::unet::{ConditionalUNet, UNetConfig};
+use crate::models::unet::UNetConfig;
 use crate::models::vq::{VqConfig, VqDecoder, VqEncoder};
 use crate::pipeline::{parse_device, parse_dtype};
 use anyhow::{Context, Result};
@@ -82,7 +83,7 @@ pub fn run_checks(dir: &Path, device: &Device, dtype: DType) -> Result<Vec<Parit
         "unet_tiny_ema_averaged_model.ckpt",
         "unet_tiny_eps_model_only.ckpt",
     ] {
-        let unet = ConditionalUNet::load(f(ckpt), &cfg, &schedule, dtype, device)?;
+        let unet = load_unet(f(ckpt), &cfg, &schedule, dtype, device)?;
         let x = io["x"].to_dtype(dtype)?;
         let eps = unet.forward(&x, &io["t"], Some(&io["context"]))?;
         out.push(check(&format!("{ckpt}: eps"), &eps, &io["eps"], 1e-4)?);

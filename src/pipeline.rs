@@ -1,6 +1,7 @@
 //! The sampling pipeline: U-Net + schedule + VQ decoder on one device, turning identity
 //! contexts into RGB images. Used by the CLI's `generate`, the studio's worker and `bench`.
 
+use crate::diffusion::checkpoint::load_unet;
 use crate::diffusion::rng::ImageKey;
 use crate::diffusion::sampler::{Sampler, SamplingSettings, StepProgress};
 use crate::diffusion::schedule::Schedule;
@@ -44,7 +45,7 @@ impl Pipeline {
     pub fn load(paths: &WeightPaths, dtype: DType, device: &Device) -> Result<Self> {
         let (cfg, source) = unet_config_for(&paths.unet, paths.unet_config.as_deref())?;
         let schedule = Schedule::reference();
-        let unet = ConditionalUNet::load(&paths.unet, &cfg, &schedule, dtype, device)?;
+        let unet = load_unet(&paths.unet, &cfg, &schedule, dtype, device)?;
         let vq_cfg = match &paths.decoder_config {
             Some(p) => crate::models::config::read_config::<VqConfig>(p)?,
             None => VqConfig::released(),

@@ -1266,8 +1266,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("unet.safetensors");
         optim::save_atomic(&optim::var_tensors(&vars), &p).unwrap();
-        let loaded =
-            ConditionalUNet::load(&p, &cfg, &Schedule::reference(), DType::F32, &dev).unwrap();
+        let loaded = crate::diffusion::checkpoint::load_unet(
+            &p,
+            &cfg,
+            &Schedule::reference(),
+            DType::F32,
+            &dev,
+        )
+        .unwrap();
         let x = Tensor::randn(0f32, 1.0, (1, 3, 8, 8), &dev).unwrap();
         let t = Tensor::new(&[100i64], &dev).unwrap();
         let c = Tensor::randn(0f32, 1.0, (1, 8), &dev).unwrap();

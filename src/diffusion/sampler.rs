@@ -327,8 +327,14 @@ mod tests {
         let w = fixture("unet_tiny_eps_model_only.ckpt")?;
         let io = candle_core::safetensors::load(fixture("unet_tiny_io.safetensors")?, &Device::Cpu)
             .ok()?;
-        let unet = ConditionalUNet::load(w, &cfg, &Schedule::reference(), DType::F32, &Device::Cpu)
-            .unwrap();
+        let unet = crate::diffusion::checkpoint::load_unet(
+            w,
+            &cfg,
+            &Schedule::reference(),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
         Some(Fixture { unet, io })
     }
 
@@ -467,7 +473,9 @@ mod tests {
         cfg.prediction = Prediction::V;
         let w = fixture("unet_tiny_eps_model_only.ckpt").unwrap();
         let schedule = Schedule::reference();
-        let v_unet = ConditionalUNet::load(w, &cfg, &schedule, DType::F32, &Device::Cpu).unwrap();
+        let v_unet =
+            crate::diffusion::checkpoint::load_unet(w, &cfg, &schedule, DType::F32, &Device::Cpu)
+                .unwrap();
         let (s_eps, s_v) = (
             Sampler::new(&f.unet, &schedule),
             Sampler::new(&v_unet, &schedule),

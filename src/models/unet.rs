@@ -6,6 +6,7 @@
 
 use candle_core::{DType, Module, Result, Tensor};
 // `Conv2d` with a fast CPU training path; identical to candle's at inference.
+use crate::checkpoint::StateDict;
 use crate::kernels::attention::AttentionWeights;
 use crate::kernels::norm::Epilogue;
 use crate::kernels::PackedCache;
@@ -637,26 +638,17 @@ impl ConditionalUNet {
         self.dtype
     }
 
-    /// Loads weights from a checkpoint (torch zip or safetensors), with or without the
-    /// `eps_model.` prefix. Schedule buffers stored beside the weights are checked against
-    /// `schedule` and a mismatch is refused.
-    pub fn load(
-        path: impl AsRef<std::path::Path>,
+    /// Builds the network of `cfg` from the weights in `state` (names without the
+    /// `eps_model.` prefix; see [`crate::diffusion::checkpoint::load_unet`] for loading a
+    /// checkpoint file). A missing, extra or misshapen weight is refused by name.
+    pub fn from_state_dict(
+        state: &StateDict,
         cfg: &UNetConfig,
-        schedule: &crate::diffusion::schedule::Schedule,
         dtype: DType,
         device: &candle_core::Device,
     ) -> anyhow::Result<Self> {
         cfg.validate()?;
-        let mut state =
-            crate::checkpoint::load_state_dict(path.as_ref())?.strip_prefix("eps_model.");
-        let file = state.path.display().to_string();
-        for name in crate::diffusion::schedule::Schedule::BUFFER_NAMES {
-            if let Some(buffer) = state.take(name) {
-                schedule.check_buffer(name, &buffer, &file)?;
-            }
-        }
-        crate::checkpoint::build_checked(&state, dtype, device, |vb| Self::new(vb, cfg))
+        crate::checkpoint::build_checked(state, dtype, device, |vb| Self::new(vb, cfg))
     }
 
     /// Projects identity contexts (B, context_input_channels) with `context_emb`.
@@ -789,8 +781,14 @@ mod tests {
             return;
         };
         let dev = Device::Cpu;
-        let unet =
-            ConditionalUNet::load(&w, &cfg, &Schedule::reference(), DType::F32, &dev).unwrap();
+        let unet = crate::diffusion::checkpoint::load_unet(
+            &w,
+            &cfg,
+            &Schedule::reference(),
+            DType::F32,
+            &dev,
+        )
+        .unwrap();
         let io = candle_core::safetensors::load(io, &dev).unwrap();
         let eps = unet
             .forward(&io["x"], &io["t"], Some(&io["context"]))
@@ -874,26 +872,19 @@ mod tests {
             return;
         };
         cfg.context_channels = 128;
-        let err = ConditionalUNet::load(&w, &cfg, &Schedule::reference(), DType::F32, &Device::Cpu)
-            .unwrap_err()
-            .to_string();
+        let err = crate::diffusion::checkpoint::load_unet(
+            &w,
+            &cfg,
+            &Schedule::reference(),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
             err.contains("context_emb.weight` checkpoint [64, 512] vs config [128, 512]"),
             "{err}"
         );
         assert!(!err.contains('\n'));
-    }
-
-    #[test]
-    fn mismatched_schedule_buffers_are_refused() {
-        let (Some(cfg), Some(w)) = (tiny_config(), fixture("unet_tiny_ema_averaged_model.ckpt"))
-        else {
-            return;
-        };
-        let other = Schedule::linear(1000, 1e-4, 0.012);
-        let err = ConditionalUNet::load(&w, &cfg, &other, DType::F32, &Device::Cpu)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("schedule buffer"), "{err}");
     }
 }
