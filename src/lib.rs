@@ -14,6 +14,7 @@ pub mod diffusion;
 pub mod forward;
 pub mod generate;
 pub mod identity;
+pub mod imageops;
 pub mod kernels;
 pub mod models;
 pub mod nn;

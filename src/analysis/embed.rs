@@ -4,7 +4,7 @@
 //! normalised with mean 0.5 / std 0.5 to [-1, 1], then — when the image is not
 //! 112 × 112 — resized with bilinear interpolation exactly like torch
 //! `F.interpolate(x, size=(112, 112), mode="bilinear", align_corners=False)` (no
-//! antialiasing; see [`resize_bilinear`]). The IResNet embedding (optionally
+//! antialiasing; see [`crate::imageops::resize_bilinear`]). The IResNet embedding (optionally
 //! `f(x) + f(flip(x))`) is L2-normalised.
 //!
 //! Results are cached per image in a safetensors file keyed by the image's canonical
@@ -22,6 +22,8 @@ use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 use rayon::prelude::*;
 use safetensors::{Dtype, SafeTensors};
+
+use crate::imageops::resize_bilinear;
 use sha2::{Digest, Sha256};
 
 use crate::models::config::read_config;
@@ -111,59 +113,6 @@ fn is_image_name(name: &str) -> bool {
         .extension()
         .map(|e| e.to_string_lossy().to_ascii_lowercase())
         .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str()))
-}
-
-/// Bilinear resize of a planar `channels × in_h × in_w` f32 image to `out_h × out_w`,
-/// matching torch `F.interpolate(mode="bilinear", align_corners=False)` on the CPU:
-/// scale `in / out` in f32, source coordinate `max(scale · (o + 0.5) − 0.5, 0)`, lower
-/// index `min(floor(src), in − 1)`, weight `λ = clamp(src − index, 0, 1)`, the upper
-/// neighbour clamped to the edge, and `out = λh0 (λw0 a + λw1 b) + λh1 (λw0 c + λw1 d)`.
-///
-/// # Errors
-/// When a size is zero or `src.len()` disagrees with the shape.
-pub fn resize_bilinear(
-    src: &[f32],
-    channels: usize,
-    (in_h, in_w): (usize, usize),
-    (out_h, out_w): (usize, usize),
-) -> Result<Vec<f32>> {
-    if in_h == 0 || in_w == 0 || out_h == 0 || out_w == 0 {
-        bail!("cannot resize {in_h}x{in_w} to {out_h}x{out_w}: sizes must be positive");
-    }
-    if src.len() != channels * in_h * in_w {
-        bail!(
-            "image buffer has {} values, expected {channels}x{in_h}x{in_w}",
-            src.len()
-        );
-    }
-    let rows = linear_taps(in_h, out_h);
-    let cols = linear_taps(in_w, out_w);
-    let mut out = Vec::with_capacity(channels * out_h * out_w);
-    for plane in src.chunks_exact(in_h * in_w) {
-        for &(h0, h1, lh0, lh1) in &rows {
-            let (r0, r1) = (&plane[h0 * in_w..], &plane[h1 * in_w..]);
-            for &(w0, w1, lw0, lw1) in &cols {
-                let top = lw0 * r0[w0] + lw1 * r0[w1];
-                let bottom = lw0 * r1[w0] + lw1 * r1[w1];
-                out.push(lh0 * top + lh1 * bottom);
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// `(index0, index1, λ0, λ1)` per output position along one axis (torch's linear taps).
-fn linear_taps(input: usize, output: usize) -> Vec<(usize, usize, f32, f32)> {
-    let scale = input as f32 / output as f32;
-    (0..output)
-        .map(|o| {
-            let src = (scale * (o as f32 + 0.5) - 0.5).max(0.0);
-            let i0 = (src.floor() as usize).min(input - 1);
-            let lambda = (src - i0 as f32).clamp(0.0, 1.0);
-            let i1 = if i0 < input - 1 { i0 + 1 } else { i0 };
-            (i0, i1, 1.0 - lambda, lambda)
-        })
-        .collect()
 }
 
 /// Planar `3 × size × size` network input in [-1, 1] from an RGB image of any size
@@ -860,30 +809,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bilinear_matches_hand_computed_torch_values() {
-        // torch: F.interpolate(tensor([[[[1., 2.]]]]), size=(1, 4), mode="bilinear",
-        // align_corners=False) == [[1.00, 1.25, 1.75, 2.00]].
-        let up = resize_bilinear(&[1.0, 2.0], 1, (1, 2), (1, 4)).unwrap();
-        assert_eq!(up, vec![1.0, 1.25, 1.75, 2.0]);
-        // 4 -> 2 averages neighbouring pairs: src = 2 (o + 0.5) - 0.5 = 0.5, 2.5.
-        let down = resize_bilinear(&[0.0, 4.0, 8.0, 16.0], 1, (1, 4), (1, 2)).unwrap();
-        assert_eq!(down, vec![2.0, 12.0]);
-        // 3x3 -> 2x2 of v = 3r + c (bilinear is exact on linear functions): source
-        // coordinates 1.5 (o + 0.5) - 0.5 = 0.25 and 1.75 on both axes.
-        let src: Vec<f32> = (0..9).map(|v| v as f32).collect();
-        let out = resize_bilinear(&src, 1, (3, 3), (2, 2)).unwrap();
-        assert_eq!(out, vec![1.0, 2.5, 5.5, 7.0]);
-        // Planes are resized independently.
-        let two = resize_bilinear(&[1.0, 2.0, 10.0, 20.0], 2, (1, 2), (1, 4)).unwrap();
-        assert_eq!(two, vec![1.0, 1.25, 1.75, 2.0, 10.0, 12.5, 17.5, 20.0]);
-        assert!(resize_bilinear(&[1.0], 1, (1, 2), (1, 4)).is_err());
-        assert!(resize_bilinear(&[], 1, (0, 2), (1, 4)).is_err());
-    }
-
-    #[test]
     fn bilinear_128_to_112_taps() {
         // scale = 128/112 in f32; output 0 reads rows 0/1, the last output clamps.
-        let taps = linear_taps(128, 112);
+        let taps = crate::imageops::linear_taps(128, 112);
         assert_eq!(taps.len(), 112);
         let (i0, i1, l0, l1) = taps[0];
         assert_eq!((i0, i1), (0, 1));
@@ -894,7 +822,7 @@ mod tests {
         assert_eq!((last.0, last.1), (126, 127));
         assert!((last.3 - 0.928_57).abs() < 1e-4, "{last:?}");
         // Upsampling clamps at the far edge: 2 -> 4, output 3 reads row 1 only.
-        assert_eq!(linear_taps(2, 4)[3], (1, 1, 0.75, 0.25));
+        assert_eq!(crate::imageops::linear_taps(2, 4)[3], (1, 1, 0.75, 0.25));
         // Constant images stay constant; a 112 input is left untouched.
         let img = RgbImage::from_pixel(128, 128, image::Rgb([255, 0, 128]));
         let x = preprocess(&img, FR_INPUT_SIZE).unwrap();

@@ -17,7 +17,7 @@ use image::RgbImage;
 
 use super::align::align_112;
 use super::runtime::OnnxNet;
-use crate::analysis::embed::resize_bilinear;
+use crate::imageops::resize_bilinear;
 
 /// Detector input height.
 pub const DETECTOR_HEIGHT: usize = 240;

@@ -7,7 +7,7 @@ use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
 use super::runtime::OnnxNet;
-use crate::analysis::embed::resize_bilinear;
+use crate::imageops::resize_bilinear;
 
 /// Order of the colour planes the model expects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -20,7 +20,6 @@
 
 pub mod align;
 pub mod detect;
-pub mod embed;
 pub mod fr;
 pub mod photo;
 pub mod runtime;

@@ -73,7 +73,7 @@ impl FacePipeline {
     /// # Errors
     /// An unreadable image, no face, inference failures — one line naming the file.
     pub fn faces_in_file(&self, path: &Path) -> Result<Vec<PhotoFace>> {
-        let img = super::embed::read_rgb(path)?;
+        let img = crate::imageops::read_rgb(path)?;
         self.faces(&img, &path.display().to_string())
     }
 }

@@ -7,9 +7,9 @@ use std::time::Instant;
 use image::{Rgb, RgbImage};
 
 use super::detect::FaceDetector;
-use super::embed::read_rgb;
 use super::fr::{cosine, FrDescriptor, OnnxFrModel};
 use super::{cached_model_file, DETECTOR_FILE, FR_MODEL_FILE, LANDMARK_FILE};
+use crate::imageops::read_rgb;
 
 const PHOTOS: [&str; 4] = ["obama", "obama2", "obama3", "biden"];
 

@@ -8,8 +8,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use image::RgbImage;
 
-use super::detect::FaceDetector;
 use crate::analysis::embed::{Embeddings, FrModel};
+use crate::imageops::read_rgb;
+use crate::onnx::detect::FaceDetector;
 
 /// Arguments of `embed`.
 #[derive(Debug, Args)]
@@ -102,16 +103,6 @@ fn collect_images(root: &Path, dir: &Path, out: &mut Vec<(PathBuf, String)>) -> 
     Ok(())
 }
 
-/// Reads an image as RGB, naming the file on failure.
-///
-/// # Errors
-/// When the file cannot be read or decoded.
-pub fn read_rgb(path: &Path) -> Result<RgbImage> {
-    Ok(image::open(path)
-        .map_err(|e| anyhow!("{}: cannot read image ({e})", path.display()))?
-        .to_rgb8())
-}
-
 /// Finds a companion model: the explicit path, else `file` beside the FR model, else in
 /// the model cache.
 fn companion(explicit: Option<&Path>, fr_model: &Path, file: &str) -> PathBuf {
@@ -122,7 +113,7 @@ fn companion(explicit: Option<&Path>, fr_model: &Path, file: &str) -> PathBuf {
         .parent()
         .map(|d| d.join(file))
         .filter(|p| p.is_file());
-    beside.unwrap_or_else(|| super::models_dir().join(file))
+    beside.unwrap_or_else(|| crate::onnx::models_dir().join(file))
 }
 
 /// Runs `embed`; returns the exit code.
@@ -149,8 +140,16 @@ pub fn run_embed(a: &EmbedArgs) -> Result<i32> {
         &candle_core::Device::Cpu,
     )?;
     let detector = if a.align {
-        let det = companion(a.detector.as_deref(), &a.fr_model, super::DETECTOR_FILE);
-        let lmk = companion(a.landmarks.as_deref(), &a.fr_model, super::LANDMARK_FILE);
+        let det = companion(
+            a.detector.as_deref(),
+            &a.fr_model,
+            crate::onnx::DETECTOR_FILE,
+        );
+        let lmk = companion(
+            a.landmarks.as_deref(),
+            &a.fr_model,
+            crate::onnx::LANDMARK_FILE,
+        );
         Some(FaceDetector::load(&det, &lmk)?)
     } else {
         None

@@ -1,5 +1,7 @@
 //! The command-line interface: every studio action as a subcommand of the same binary.
 
+pub mod embed;
+
 use crate::diffusion::sampler::{SamplerKind, SamplingSettings};
 use crate::generate::{
     run_generate, GenerateEvent, GenerateOutcome, GenerateRequest, IdentitySource, Shard,
@@ -62,7 +64,7 @@ pub enum Command {
     /// Run the InsightFace 10-fold verification protocol on stored embeddings.
     Verify(crate::train::cli::VerifyArgs),
     /// One L2-normalised embedding per image (or detected, aligned face) with an ONNX or IResNet model.
-    Embed(crate::onnx::embed::EmbedArgs),
+    Embed(embed::EmbedArgs),
 }
 
 /// Common arguments of the `forward` subcommands.
@@ -231,7 +233,7 @@ pub fn main_with(cli: Cli) -> Result<i32> {
         Command::TrainFr(a) => crate::train::cli::cli_train_fr(&a),
         Command::Eval(a) => crate::train::cli::cli_eval(&a),
         Command::Verify(a) => crate::train::cli::cli_verify(&a),
-        Command::Embed(a) => crate::onnx::embed::run_embed(&a),
+        Command::Embed(a) => embed::run_embed(&a),
     }
 }
 
