@@ -38,12 +38,7 @@ pub fn write_outputs(path: &Path, tensors: Vec<(&str, Tensor)>) -> Result<()> {
         .into_iter()
         .map(|(k, t)| Ok((k.to_owned(), t.to_device(&Device::Cpu)?)))
         .collect::<Result<_>>()?;
-    let tmp = path.with_extension("partial.safetensors");
-    candle_core::safetensors::save(&map, &tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot move {} into place", path.display()))?;
-    Ok(())
+    crate::files::write_atomic_with(path, |tmp| Ok(candle_core::safetensors::save(&map, tmp)?))
 }
 
 fn check_finite(t: &Tensor, name: &str, file: &Path) -> Result<()> {

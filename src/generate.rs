@@ -445,16 +445,7 @@ fn first_difference(a: &Generation, b: &Generation) -> String {
 /// Writes `value` as pretty JSON through a temporary file and a rename.
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     let text = serde_json::to_string_pretty(value)?;
-    write_bytes_atomic(path, text.as_bytes())
-}
-
-/// Writes bytes through a temporary file in the same folder and a rename.
-pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp-write");
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot move {} into place", path.display()))?;
-    Ok(())
+    crate::files::write_atomic(path, text.as_bytes())
 }
 
 fn write_identity(out: &Path, identity: usize, images: &[RgbImage]) -> Result<()> {
@@ -506,7 +497,7 @@ pub fn write_grid(out: &Path, manifest: &Manifest) -> Result<()> {
             &mut std::io::Cursor::new(&mut bytes),
             image::ImageFormat::Png,
         )?;
-        write_bytes_atomic(&out.join("grid.png"), &bytes)?;
+        crate::files::write_atomic(&out.join("grid.png"), &bytes)?;
     }
     Ok(())
 }

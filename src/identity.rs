@@ -15,7 +15,7 @@
 //! Synthetic identities ([`uniform_context`]) are uniform on the unit sphere and
 //! reproducible per identity index, independent of how many are drawn at once.
 
-use crate::dataset::write_atomic;
+use crate::files::write_atomic;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::pickle::{Object, Stack};
 use rand::{Rng, SeedableRng};

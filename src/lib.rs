@@ -11,6 +11,7 @@ pub mod cli;
 pub mod dataset;
 pub mod default_model;
 pub mod diffusion;
+pub mod files;
 pub mod forward;
 pub mod generate;
 pub mod identity;

@@ -414,7 +414,7 @@ impl Embeddings {
         .into();
         let bytes = safetensors::serialize(tensors, Some(metadata))
             .map_err(|e| anyhow!("cannot serialise embeddings: {e}"))?;
-        crate::dataset::write_atomic(path, &bytes)
+        crate::files::write_atomic(path, &bytes)
     }
 
     /// Reads an embeddings file: a safetensors file with a float tensor `embeddings`
@@ -801,7 +801,7 @@ fn write_cache(path: &Path, keys: &[[u8; 32]], data: &[f32], dim: usize) -> Resu
     ];
     let bytes = safetensors::serialize(tensors, None)
         .map_err(|e| anyhow!("cannot serialise the cache: {e}"))?;
-    crate::dataset::write_atomic(path, &bytes)
+    crate::files::write_atomic(path, &bytes)
 }
 
 #[cfg(test)]

@@ -88,7 +88,7 @@ pub fn write_metrics_json(report: &Report, path: &Path) -> Result<()> {
 }
 
 fn write_text(path: &Path, text: &str) -> Result<()> {
-    crate::dataset::write_atomic(path, text.as_bytes())
+    crate::files::write_atomic(path, text.as_bytes())
         .with_context(|| format!("cannot write {}", path.display()))
 }
 

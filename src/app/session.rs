@@ -100,7 +100,7 @@ impl Session {
 
     /// Writes the session file.
     pub fn save(&self, path: &Path) -> Result<()> {
-        crate::generate::write_bytes_atomic(path, self.to_json()?.as_bytes())
+        crate::files::write_atomic(path, self.to_json()?.as_bytes())
             .with_context(|| format!("cannot save session {}", path.display()))
     }
 

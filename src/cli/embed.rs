@@ -202,7 +202,7 @@ pub fn run_embed(a: &EmbedArgs) -> Result<i32> {
         let list = a.out.with_extension("files.txt");
         let mut text = names.join("\n");
         text.push('\n');
-        crate::dataset::write_atomic(&list, text.as_bytes())
+        crate::files::write_atomic(&list, text.as_bytes())
             .with_context(|| format!("cannot write {}", list.display()))?;
     }
     eprintln!(

@@ -14,10 +14,8 @@ pub mod source;
 pub mod staging;
 pub mod verification_bin;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 use image::{ExtendedColorType, ImageEncoder, RgbImage};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 /// How images are encoded when written into a dataset file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -71,33 +69,4 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage> {
         .decode()
         .map_err(|e| anyhow!("cannot decode image ({} bytes): {e}", bytes.len()))?;
     Ok(img.to_rgb8())
-}
-
-/// Temporary sibling of `path` used for atomic writes (unique per process and call).
-pub(crate) fn temp_path(path: &Path) -> Result<PathBuf> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let name = path
-        .file_name()
-        .ok_or_else(|| anyhow!("{} is not a file path", path.display()))?;
-    Ok(path.with_file_name(format!(
-        ".{}.tmp-{}-{}",
-        name.to_string_lossy(),
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )))
-}
-
-/// Writes `bytes` to a temporary sibling of `path`, then renames it into place.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temp_path(path)?;
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    rename_into_place(&tmp, path)
-}
-
-/// Renames a finished temporary file over `path`, removing it if that fails.
-pub(crate) fn rename_into_place(tmp: &Path, path: &Path) -> Result<()> {
-    std::fs::rename(tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(tmp);
-        anyhow!("cannot rename {} to {}: {e}", tmp.display(), path.display())
-    })
 }

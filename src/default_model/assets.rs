@@ -216,10 +216,7 @@ impl DefaultModel {
             if std::fs::read(&p).ok().as_deref() == Some(bytes.as_slice()) {
                 continue;
             }
-            let tmp = dir.join(format!(".{name}.partial"));
-            std::fs::write(&tmp, &bytes)
-                .with_context(|| format!("cannot write {}", tmp.display()))?;
-            std::fs::rename(&tmp, &p).with_context(|| format!("cannot write {}", p.display()))?;
+            crate::files::write_atomic(&p, &bytes)?;
         }
         Ok(WeightPaths {
             unet: dir.join("unet.safetensors"),

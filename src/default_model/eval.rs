@@ -276,7 +276,7 @@ pub fn run(a: &EvalDefaultArgs) -> Result<i32> {
     });
     let text = serde_json::to_string_pretty(&report)?;
     match &a.out {
-        Some(p) => super::optim::write_text_atomic(p, &text)?,
+        Some(p) => crate::files::write_atomic(p, text.as_bytes())?,
         None => println!("{text}"),
     }
     Ok(0)

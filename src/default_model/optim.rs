@@ -363,22 +363,9 @@ pub fn save_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()>
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let tmp = path.with_extension("safetensors.partial");
-    candle_core::safetensors::save(tensors, &tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
-}
-
-/// Writes text through a temporary file and a rename.
-pub fn write_text_atomic(path: &Path, text: &str) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    let tmp = path.with_extension("partial");
-    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    crate::files::write_atomic_with(path, |tmp| {
+        Ok(candle_core::safetensors::save(tensors, tmp)?)
+    })
 }
 
 /// Copies the current values of `vars` into a name → tensor map (detached).

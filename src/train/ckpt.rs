@@ -31,13 +31,13 @@
 
 use super::metrics::EpochRecord;
 use super::optim::Sgd;
+use crate::files::write_atomic;
 use crate::models::iresnet::is_running_stat;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Metadata key of the [`TrainState`] JSON in `state.safetensors`.
@@ -75,28 +75,6 @@ pub struct LatestPointer {
     pub step: usize,
     /// Epoch being trained at that checkpoint.
     pub epoch: usize,
-}
-
-/// Writes `bytes` to a temporary sibling of `path` (flushed to disk), then renames it.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| anyhow!("{} is not a file path", path.display()))?;
-    let tmp = path.with_file_name(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    };
-    write().with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        anyhow!("cannot rename {} to {}: {e}", tmp.display(), path.display())
-    })
 }
 
 fn to_cpu_f32(t: &Tensor) -> Result<Tensor> {

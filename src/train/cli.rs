@@ -389,7 +389,7 @@ pub fn cli_eval(args: &EvalArgs) -> Result<i32> {
         "average_accuracy": mean,
     }))?;
     if let Some(p) = &args.json {
-        super::ckpt::write_atomic(p, json.as_bytes())?;
+        crate::files::write_atomic(p, json.as_bytes())?;
     }
     println!("{json}");
     Ok(0)

@@ -1,6 +1,6 @@
 //! Per-epoch training records and their JSON / CSV logs.
 
-use super::ckpt::write_atomic;
+use crate::files::write_atomic;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;

@@ -2,13 +2,14 @@
 //! [`TrainEvent`]s, checkpoints every epoch (and on cancel), evaluates the validation set
 //! after every epoch, and resumes from the last checkpoint.
 
-use super::ckpt::{load_latest, save_checkpoint, write_atomic};
+use super::ckpt::{load_latest, save_checkpoint};
 use super::config::TrainConfig;
 use super::data::{open_source, ImageSource};
 use super::eval::ValidationSet;
 use super::loader::{batches_per_epoch, EpochLoader, LoaderConfig};
 use super::metrics::{write_metrics, EpochRecord, ValRecord};
 use super::trainer::Trainer;
+use crate::files::write_atomic;
 use crate::pipeline::parse_device;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;

@@ -5,7 +5,8 @@
 use super::protocol::{DetectedPhoto, Event, LoadedContexts, PhotoFaceInfo};
 use super::EventSender;
 use crate::app::grid::ExportRow;
-use crate::generate::{compose_grid, with_reference, write_bytes_atomic};
+use crate::files::write_atomic;
+use crate::generate::{compose_grid, with_reference};
 use crate::identity::Contexts;
 use anyhow::Context;
 use image::RgbImage;
@@ -39,7 +40,7 @@ pub fn export_png(rows: &[ExportRow], path: &Path) -> anyhow::Result<()> {
     }
     let mut png = Vec::new();
     grid.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
-    write_bytes_atomic(path, &png)
+    write_atomic(path, &png)
 }
 
 /// Reads an identity context file of width `dim`, reporting [`Event::ContextsLoaded`].

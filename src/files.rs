@@ -1,0 +1,76 @@
+//! Files that appear complete or not at all: written to a hidden temporary sibling (unique
+//! per process and call), flushed to disk, then renamed over the destination; the temporary
+//! file is removed when anything fails.
+
+use anyhow::{anyhow, Context, Result};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Temporary sibling of `path` for an atomic write: `.{name}.tmp-{pid}-{n}`.
+pub fn temp_path(path: &Path) -> Result<PathBuf> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let name = path
+        .file_name()
+        .ok_or_else(|| anyhow!("{} is not a file path", path.display()))?;
+    Ok(path.with_file_name(format!(
+        ".{}.tmp-{}-{}",
+        name.to_string_lossy(),
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )))
+}
+
+/// Writes `bytes` to `path` atomically.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |tmp| {
+        let mut f = std::fs::File::create(tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        Ok(())
+    })
+}
+
+/// Runs `write` on a temporary sibling of `path`, then renames the result into place.
+pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = temp_path(path)?;
+    if let Err(e) = write(&tmp) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("cannot write {}", path.display()));
+    }
+    rename_into_place(&tmp, path)
+}
+
+/// Renames a finished temporary file over `path`, removing it if that fails.
+pub fn rename_into_place(tmp: &Path, path: &Path) -> Result<()> {
+    std::fs::rename(tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(tmp);
+        anyhow!("cannot rename {} to {}: {e}", tmp.display(), path.display())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_replace_whole_files_and_failures_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.txt");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        let err = write_atomic_with(&dir.path().join("b.txt"), |tmp| {
+            std::fs::write(tmp, b"half")?;
+            anyhow::bail!("disk full")
+        })
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("b.txt"), "{err:#}");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, ["a.txt"]);
+        assert!(write_atomic(&dir.path().join("missing/c.txt"), b"x").is_err());
+    }
+}
