@@ -710,7 +710,7 @@ pub fn run(args: &BenchArgs) -> Result<Vec<Measurement>> {
             gemm_peak,
             achieved,
         };
-        crate::generate::write_json_atomic(path, &report)?;
+        crate::files::write_json_atomic(path, &report)?;
     }
     Ok(results)
 }

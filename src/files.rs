@@ -1,6 +1,7 @@
 //! Files that appear complete or not at all: written to a hidden temporary sibling (unique
 //! per process and call), flushed to disk, then renamed over the destination; the temporary
-//! file is removed when anything fails.
+//! file is removed when anything fails; and the SHA-256 that records which file a result
+//! came from.
 
 use anyhow::{anyhow, Context, Result};
 use std::io::Write;
@@ -39,6 +40,22 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
         return Err(e).with_context(|| format!("cannot write {}", path.display()));
     }
     rename_into_place(&tmp, path)
+}
+
+/// Writes `value` as pretty JSON through a temporary file and a rename.
+pub fn write_json_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)?;
+    write_atomic(path, text.as_bytes())
+}
+
+/// Hex SHA-256 of a file, streamed.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(format!("{:x}", h.finalize()))
 }
 
 /// Renames a finished temporary file over `path`, removing it if that fails.

@@ -8,7 +8,8 @@
 
 use crate::diffusion::rng::{ImageKey, SEED_CONTRACT_VERSION};
 use crate::diffusion::sampler::SamplingSettings;
-use crate::pipeline::{sha256_file, Pipeline, WeightPaths};
+use crate::files::{sha256_file, write_json_atomic};
+use crate::pipeline::{Pipeline, WeightPaths};
 use anyhow::{bail, Context, Result};
 use image::imageops::FilterType;
 use image::RgbImage;
@@ -440,12 +441,6 @@ fn first_difference(a: &Generation, b: &Generation) -> String {
         }
     }
     "settings differ".into()
-}
-
-/// Writes `value` as pretty JSON through a temporary file and a rename.
-pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let text = serde_json::to_string_pretty(value)?;
-    crate::files::write_atomic(path, text.as_bytes())
 }
 
 fn write_identity(out: &Path, identity: usize, images: &[RgbImage]) -> Result<()> {

@@ -179,7 +179,7 @@ pub fn run(args: &ParityArgs) -> Result<i32> {
         );
     }
     if let Some(path) = &args.json {
-        crate::generate::write_json_atomic(path, &checks)?;
+        crate::files::write_json_atomic(path, &checks)?;
     }
     let all_pass = checks.iter().all(|c| c.pass);
     Ok(if all_pass || dtype != DType::F32 {

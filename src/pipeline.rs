@@ -11,7 +11,7 @@ use crate::models::vq::{VqConfig, VqDecoder};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Where the pipeline's weights and configs come from.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -186,14 +186,4 @@ pub fn enable_flush_to_zero() {
     }
     set_this_thread();
     rayon::broadcast(|_| set_this_thread());
-}
-
-/// Hex SHA-256 of a file, streamed.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    use sha2::{Digest, Sha256};
-    let mut f =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(format!("{:x}", h.finalize()))
 }

@@ -174,7 +174,7 @@ impl FrModel {
                 aligner: None,
             });
         }
-        let sha256 = crate::pipeline::sha256_file(weights)?;
+        let sha256 = crate::files::sha256_file(weights)?;
         let cfg = config.map(read_config::<IResNetConfig>).transpose()?;
         let model = IResNet::load_or_infer(weights, cfg.as_ref(), device)?;
         Ok(Self {

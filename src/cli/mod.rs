@@ -3,12 +3,11 @@
 pub mod embed;
 
 use crate::diffusion::sampler::{SamplerKind, SamplingSettings};
+use crate::files::sha256_file;
 use crate::generate::{
     run_generate, GenerateEvent, GenerateOutcome, GenerateRequest, IdentitySource, Shard,
 };
-use crate::pipeline::{
-    enable_flush_to_zero, parse_device, parse_dtype, sha256_file, Pipeline, WeightPaths,
-};
+use crate::pipeline::{enable_flush_to_zero, parse_device, parse_dtype, Pipeline, WeightPaths};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};

@@ -8,9 +8,8 @@
 //! written atomically ([`StagedDir`]).
 
 use super::staging::StagedDir;
-use crate::generate::{
-    identity_dir_name, write_grid, write_json_atomic, Generation, IdentitySource, Manifest,
-};
+use crate::files::write_json_atomic;
+use crate::generate::{identity_dir_name, write_grid, Generation, IdentitySource, Manifest};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use std::path::{Path, PathBuf};
 

@@ -221,7 +221,7 @@ impl OnnxFrModel {
             [d] if *d > 0 => *d,
             s => bail!("{p}: output has shape {s:?}, expected [1, D] embeddings"),
         };
-        let sha256 = crate::pipeline::sha256_file(net.path())?;
+        let sha256 = crate::files::sha256_file(net.path())?;
         Ok(Self {
             net,
             descriptor,

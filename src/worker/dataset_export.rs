@@ -241,7 +241,7 @@ fn record_weights(manifest: &mut serde_json::Value, weights: &[(String, PathBuf)
     for (key, path) in weights {
         let record = serde_json::json!({
             "name": path.file_name().map(|n| n.to_string_lossy().into_owned()),
-            "sha256": crate::pipeline::sha256_file(path)?,
+            "sha256": crate::files::sha256_file(path)?,
         });
         if let Some(g) = manifest
             .get_mut("generation")
