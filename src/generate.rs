@@ -88,7 +88,7 @@ impl IdentitySource {
                         index: first + i,
                         name: format!(
                             "procface {}",
-                            crate::default_model::eval::procface_identity_seed(first + i)
+                            crate::procface::seeds::procface_identity_seed(first + i)
                         ),
                         context,
                     })

@@ -75,7 +75,7 @@ pub fn random_identities(
 /// their index as `generate --procface-identities` does, each with its frontal render as
 /// reference.
 pub fn procface_identities(first: usize, rows: Vec<Vec<f32>>) -> Vec<IdentityEntry> {
-    use crate::default_model::eval::procface_identity_seed;
+    use crate::procface::seeds::procface_identity_seed;
     rows.into_iter()
         .enumerate()
         .map(|(i, row)| IdentityEntry {

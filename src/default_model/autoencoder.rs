@@ -9,6 +9,7 @@
 use super::data::FaceSet;
 use super::optim::{self, AdamW, AdamWConfig};
 use crate::models::vq::{VqConfig, VqDecoder, VqEncoder};
+use crate::procface::seeds::HELD_OUT_FIRST_IDENTITY;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
@@ -238,7 +239,11 @@ pub fn run(a: &TrainAutoencoderArgs) -> Result<i32> {
         .with_context(|| format!("cannot create {}", a.out.display()))?;
     let t0 = Instant::now();
     let data = FaceSet::render(0..a.identities, a.per_identity, a.size)?;
-    let held_out = FaceSet::render(1_000_000..1_000_032, 2, a.size)?;
+    let held_out = FaceSet::render(
+        HELD_OUT_FIRST_IDENTITY..HELD_OUT_FIRST_IDENTITY + 32,
+        2,
+        a.size,
+    )?;
     eprintln!(
         "rendered {} training images in {:.1}s",
         data.len(),

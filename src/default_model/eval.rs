@@ -13,14 +13,12 @@ use crate::diffusion::sampler::{SamplerKind, SamplingSettings};
 use crate::identity::uniform_contexts;
 use crate::models::iresnet::IResNet;
 use crate::pipeline::Pipeline;
+use crate::procface::seeds::{procface_identity_seed, EVAL_FIRST_IDENTITY};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 use std::path::PathBuf;
-
-/// First ProcFace identity seed of the evaluation identities.
-pub const EVAL_FIRST_IDENTITY: u64 = 2_000_000;
 
 /// Where evaluation contexts come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -121,12 +119,6 @@ pub fn procface_contexts(
     // on which other identities were asked for.
     let emb = fr_embeddings(fr, &images, device, 2)?;
     Ok(emb.chunks(2).map(centroid).collect())
-}
-
-/// The ProcFace identity seed of new identity `index` (evaluation, studio and
-/// `generate --procface-identities`): [`EVAL_FIRST_IDENTITY`] + index.
-pub fn procface_identity_seed(index: usize) -> u64 {
-    EVAL_FIRST_IDENTITY + index as u64
 }
 
 /// Side of a ProcFace identity's reference render.

@@ -13,12 +13,10 @@ pub mod optim;
 
 pub use assets::{default_weight_paths, DefaultModel};
 
+use crate::procface::seeds::HELD_OUT_FIRST_IDENTITY;
 use anyhow::{Context, Result};
 use clap::Args;
 use std::path::PathBuf;
-
-/// First identity seed of held-out (never trained on) ProcFace identities.
-pub const HELD_OUT_FIRST_IDENTITY: u64 = 1_000_000;
 
 /// Arguments of `procface`.
 #[derive(Debug, Clone, Args)]

@@ -38,6 +38,7 @@ mod nuisance;
 mod postprocess;
 mod render;
 mod rng;
+pub mod seeds;
 
 pub use identity::{
     Brows, Ears, Eyes, FaceIdentity, FacialHair, FacialHairStyle, Hair, HairStyle, HeadShape,

@@ -328,13 +328,12 @@ mod tests {
     use std::cell::RefCell;
 
     /// First ProcFace identity seed of the held-out set (disjoint from training seeds).
-    const HELD_OUT_SEED: u64 = 1_000_000;
 
     /// Held-out verification set: `ids` identities × 6 images; per identity 3 genuine pairs
     /// and 3 impostor pairs (against the next identity), interleaved so every fold holds both.
     fn held_out(ids: usize, size: u32) -> (Vec<RgbImage>, Vec<(usize, usize)>, Vec<bool>) {
         let src = ProcFaceSource {
-            first_identity: HELD_OUT_SEED,
+            first_identity: crate::procface::seeds::HELD_OUT_FIRST_IDENTITY,
             identities: ids,
             per_identity: 6,
             size,

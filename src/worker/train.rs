@@ -27,9 +27,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// First ProcFace identity seed of held-out validation identities (training uses seeds from 0).
-pub const PROCFACE_HELD_OUT_SEED: u64 = 1_000_000;
-
 /// Longest log line kept (longer lines are cut).
 const MAX_LINE: usize = 4000;
 
@@ -244,14 +241,14 @@ pub fn run_builtin(
 }
 
 /// Verification pairs of `identities` held-out ProcFace identities (seeds from
-/// [`PROCFACE_HELD_OUT_SEED`], 6 images each): per identity 3 genuine pairs and 3 impostor
+/// [`crate::procface::seeds::HELD_OUT_FIRST_IDENTITY`], 6 images each): per identity 3 genuine pairs and 3 impostor
 /// pairs against the next identity, interleaved.
 pub fn procface_held_out(identities: usize, size: u32) -> Result<ValidationSet> {
     if identities < 2 {
         bail!("held-out ProcFace validation needs at least 2 identities");
     }
     let src = ProcFaceSource {
-        first_identity: PROCFACE_HELD_OUT_SEED,
+        first_identity: crate::procface::seeds::HELD_OUT_FIRST_IDENTITY,
         identities,
         per_identity: 6,
         size,
