@@ -327,8 +327,6 @@ mod tests {
     use image::RgbImage;
     use std::cell::RefCell;
 
-    /// First ProcFace identity seed of the held-out set (disjoint from training seeds).
-
     /// Held-out verification set: `ids` identities × 6 images; per identity 3 genuine pairs
     /// and 3 impostor pairs (against the next identity), interleaved so every fold holds both.
     fn held_out(ids: usize, size: u32) -> (Vec<RgbImage>, Vec<(usize, usize)>, Vec<bool>) {
