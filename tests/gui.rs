@@ -884,7 +884,7 @@ fn built_in_model_generates_procface_identities() {
     // Each row starts with its identity's reference render (the face its context came from).
     assert_eq!(
         grid.spec.rows[1].reference,
-        Some(idiff_studio::app::identities::Reference::Procface(3))
+        Some(idiff_studio::worker::identities::Reference::Procface(3))
     );
     h.run();
     for r in 0..3 {

@@ -1,8 +1,9 @@
 //! The result grid of the last run: rows = identities, columns = samples (or sweep values),
 //! plus the per-image and per-identity rejects that feed export.
 
-use super::identities::Reference;
 use crate::diffusion::sampler::SamplingSettings;
+use crate::worker::identities::Reference;
+use crate::worker::io::ExportRow;
 use crate::worker::JobKind;
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
@@ -200,15 +201,6 @@ impl Grid {
             .filter(|r| !r.images.is_empty())
             .collect()
     }
-}
-
-/// One row of an exported grid picture.
-#[derive(Debug, Clone)]
-pub struct ExportRow {
-    /// The identity's reference picture, drawn first (scaled to the images' size).
-    pub reference: Option<Reference>,
-    /// The row's images.
-    pub images: Vec<Arc<RgbImage>>,
 }
 
 #[cfg(test)]

@@ -247,7 +247,7 @@ pub fn apply_flags(app: &mut StudioApp, o: &StudioArgs) {
     }
     if let Some(n) = o.identities {
         s.identity_form.count = n;
-        s.identities = super::identities::random_identities(
+        s.identities = crate::worker::identities::random_identities(
             s.identity_form.seed,
             s.identity_form.first,
             n,

@@ -6,7 +6,6 @@ pub mod dialogs;
 pub mod forms;
 pub mod frame_stats;
 pub mod grid;
-pub mod identities;
 pub mod keys;
 pub mod launch;
 pub mod photo_faces;

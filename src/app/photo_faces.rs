@@ -3,8 +3,8 @@
 //! [`Event::FacesDetected`] and one of them becomes an identity whose context is its
 //! face-recognition embedding.
 
-use super::identities::{IdentityEntry, Reference};
 use super::state::AppState;
+use crate::worker::identities::{IdentityEntry, Reference};
 use crate::worker::protocol::DetectedPhoto;
 use crate::worker::{io, Event, Worker};
 use std::path::{Path, PathBuf};

@@ -4,8 +4,8 @@
 
 use super::forms::{IdentityForm, ModelForm, SamplingForm};
 use super::grid::{Grid, GridSpec, Rejects};
-use super::identities::IdentityEntry;
 use super::state::{AppState, Tab};
+use crate::worker::identities::IdentityEntry;
 use crate::worker::protocol::Event;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};

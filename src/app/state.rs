@@ -6,9 +6,9 @@ use super::forms::{
     IdentityForm, IdentitySourceKind, ModelForm, RunMode, SamplingForm, SweepParam,
 };
 use super::grid::{Grid, GridSpec, RowLabel};
-use super::identities::{file_identities, interpolate, random_identities, IdentityEntry};
 use crate::diffusion::rng::ImageKey;
 use crate::identity::DEFAULT_CONTEXT_DIM;
+use crate::worker::identities::{file_identities, interpolate, random_identities, IdentityEntry};
 use crate::worker::protocol::LoadedContexts;
 use crate::worker::{
     io, Command, Event, Job, JobCell, LoadRequest, ModelInfo, PickTarget, Progress, Worker,

@@ -6,7 +6,7 @@
 //! fills in over a few frames instead of stalling one.
 
 use super::grid::CellImage;
-use super::identities::Reference;
+use crate::worker::identities::Reference;
 use egui::{ColorImage, TextureHandle, TextureId, TextureOptions};
 use image::RgbImage;
 use std::collections::HashMap;

@@ -2,9 +2,9 @@
 //! identity context files and detecting the faces of a photo. Each runs on its own thread
 //! and reports one event.
 
+use super::identities::Reference;
 use super::protocol::{DetectedPhoto, Event, LoadedContexts, PhotoFaceInfo};
 use super::EventSender;
-use crate::app::grid::ExportRow;
 use crate::files::write_atomic;
 use crate::generate::{compose_grid, with_reference};
 use crate::identity::Contexts;
@@ -12,6 +12,15 @@ use anyhow::Context;
 use image::RgbImage;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// One row of an exported grid picture.
+#[derive(Debug, Clone)]
+pub struct ExportRow {
+    /// The identity's reference picture, drawn first (scaled to the images' size).
+    pub reference: Option<Reference>,
+    /// The row's images.
+    pub images: Vec<Arc<RgbImage>>,
+}
 
 /// Composes `rows` into one grid (2-pixel white gaps, each row's reference first) and writes
 /// it as PNG to `path`, reporting [`Event::Exported`].
@@ -62,7 +71,7 @@ pub fn spawn_load_contexts(path: PathBuf, dim: usize, events: EventSender) {
 pub fn spawn_procface_identities(first: usize, count: usize, events: EventSender) {
     std::thread::spawn(move || {
         let result = crate::default_model::eval::builtin_procface_contexts(first, count)
-            .map(|rows| crate::app::identities::procface_identities(first, rows))
+            .map(|rows| crate::worker::identities::procface_identities(first, rows))
             .map_err(|e| one_line(&format!("{e:#}")));
         events.send(Event::ProcfaceIdentities(result));
     });
@@ -120,7 +129,7 @@ fn one_line(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::app::identities::Reference;
+    use crate::worker::identities::Reference;
 
     #[test]
     fn exported_grid_starts_rows_with_their_scaled_reference() {

@@ -6,6 +6,7 @@
 pub mod analyze;
 pub mod dataset_export;
 pub mod guard;
+pub mod identities;
 pub mod io;
 pub mod job;
 pub mod model;

@@ -233,7 +233,7 @@ pub enum Event {
     /// A background context-file load finished.
     ContextsLoaded(Result<LoadedContexts, String>),
     /// Background ProcFace identities (Identities panel) are ready, or a one-line error.
-    ProcfaceIdentities(Result<Vec<crate::app::identities::IdentityEntry>, String>),
+    ProcfaceIdentities(Result<Vec<crate::worker::identities::IdentityEntry>, String>),
     /// A background session save finished: the file written or a one-line error.
     SessionSaved(Result<PathBuf, String>),
     /// A background session read finished: the file and its session, or a one-line error.
