@@ -2,8 +2,8 @@
 //! They are skipped when there is no display (neither `DISPLAY` nor `WAYLAND_DISPLAY`):
 //! the path text fields always work.
 
-use crate::worker::Event;
-use crate::worker::{EventSender, PickTarget};
+use super::messages::{AppMessage, PickTarget};
+use crate::worker::EventSender;
 use std::path::PathBuf;
 
 /// True when a display is available for native dialogs.
@@ -37,10 +37,10 @@ fn filters(target: PickTarget) -> (&'static str, &'static [&'static str]) {
 }
 
 /// Opens a dialog for `target` on a background thread; the answer arrives as
-/// [`Event::FilePicked`]. Does nothing (sends `None`) without a display.
+/// [`AppMessage::FilePicked`]. Does nothing (sends `None`) without a display.
 pub fn spawn_pick(target: PickTarget, start: Option<PathBuf>, events: EventSender) {
     if !dialogs_available() {
-        events.send(Event::FilePicked { target, path: None });
+        events.send(AppMessage::FilePicked { target, path: None }.into_event());
         return;
     }
     std::thread::spawn(move || {
@@ -66,6 +66,6 @@ pub fn spawn_pick(target: PickTarget, start: Option<PathBuf>, events: EventSende
             }
             _ => dialog.pick_file(),
         };
-        events.send(Event::FilePicked { target, path });
+        events.send(AppMessage::FilePicked { target, path }.into_event());
     });
 }

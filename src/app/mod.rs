@@ -8,6 +8,7 @@ pub mod frame_stats;
 pub mod grid;
 pub mod keys;
 pub mod launch;
+pub mod messages;
 pub mod photo_faces;
 pub mod session;
 pub mod state;

@@ -4,6 +4,7 @@
 
 use super::forms::{IdentityForm, ModelForm, SamplingForm};
 use super::grid::{Grid, GridSpec, Rejects};
+use super::messages::AppMessage;
 use super::state::{AppState, Tab};
 use crate::worker::identities::IdentityEntry;
 use crate::worker::protocol::Event;
@@ -136,7 +137,7 @@ impl AppState {
 
     /// Opens the session at `session_path`, replacing the workspace (not while busy). The file
     /// is read and parsed on a background thread when the state has an I/O channel; the
-    /// workspace changes when [`Event::SessionOpened`] arrives.
+    /// workspace changes when [`AppMessage::SessionOpened`] arrives.
     pub fn open_session(&mut self) {
         if !self.is_idle() || self.session_io {
             self.error = Some("cannot open a session while the worker is busy".into());
@@ -146,7 +147,9 @@ impl AppState {
         match self.io.clone() {
             Some(tx) => {
                 self.session_io = true;
-                std::thread::spawn(move || tx.send(Event::SessionOpened(read_session(path))));
+                std::thread::spawn(move || {
+                    tx.send(AppMessage::SessionOpened(read_session(path)).into_event())
+                });
             }
             None => self.session_opened(read_session(path)),
         }

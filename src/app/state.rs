@@ -6,13 +6,12 @@ use super::forms::{
     IdentityForm, IdentitySourceKind, ModelForm, RunMode, SamplingForm, SweepParam,
 };
 use super::grid::{Grid, GridSpec, RowLabel};
+use super::messages::{AppMessage, PickTarget};
 use crate::diffusion::rng::ImageKey;
 use crate::identity::DEFAULT_CONTEXT_DIM;
 use crate::worker::identities::{file_identities, interpolate, random_identities, IdentityEntry};
 use crate::worker::protocol::LoadedContexts;
-use crate::worker::{
-    io, Command, Event, Job, JobCell, LoadRequest, ModelInfo, PickTarget, Progress, Worker,
-};
+use crate::worker::{io, Command, Event, Job, JobCell, LoadRequest, ModelInfo, Progress, Worker};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -617,7 +616,6 @@ impl AppState {
                 }
             }
             Event::SessionSaved(r) => self.session_saved(r),
-            Event::SessionOpened(r) => self.session_opened(r),
             Event::ContextsLoaded(r) => {
                 self.contexts_loading = false;
                 match r {
@@ -638,11 +636,14 @@ impl AppState {
                     Err(e) => self.error = Some(e),
                 }
             }
-            Event::FilePicked { target, path } => {
-                if let Some(p) = path {
-                    self.fill_path(target, p);
-                }
-            }
+            Event::App(message) => match message.downcast_ref::<AppMessage>() {
+                Some(AppMessage::FilePicked {
+                    target,
+                    path: Some(p),
+                }) => self.fill_path(*target, p.clone()),
+                Some(AppMessage::SessionOpened(r)) => self.session_opened(r.clone()),
+                Some(AppMessage::FilePicked { path: None, .. }) | None => {}
+            },
             Event::Progress(_) | Event::Preview { .. } => {}
         }
     }

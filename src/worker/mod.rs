@@ -14,9 +14,7 @@ pub mod protocol;
 mod thread;
 pub mod train;
 
-pub use protocol::{
-    Command, Event, Job, JobCell, JobKind, LoadRequest, ModelInfo, PickTarget, Progress,
-};
+pub use protocol::{Command, Event, Job, JobCell, JobKind, LoadRequest, ModelInfo, Progress};
 
 use crossbeam_channel::{Receiver, Sender};
 use std::sync::{Arc, Mutex};

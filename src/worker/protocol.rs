@@ -236,8 +236,6 @@ pub enum Event {
     ProcfaceIdentities(Result<Vec<crate::worker::identities::IdentityEntry>, String>),
     /// A background session save finished: the file written or a one-line error.
     SessionSaved(Result<PathBuf, String>),
-    /// A background session read finished: the file and its session, or a one-line error.
-    SessionOpened(Result<(PathBuf, Box<crate::app::session::Session>), String>),
     /// Face detection `id` on a photo (Identities panel) finished: the faces or a one-line
     /// error.
     FacesDetected {
@@ -288,13 +286,9 @@ pub enum Event {
         /// The result.
         result: Result<super::train::TrainOutcome, String>,
     },
-    /// A background file dialog returned (None = dismissed or unavailable).
-    FilePicked {
-        /// Which field asked.
-        target: PickTarget,
-        /// The chosen path.
-        path: Option<PathBuf>,
-    },
+    /// A message of the studio's own background threads (file dialogs, session reads),
+    /// passed through to the UI unchanged: the worker does not know its type.
+    App(std::sync::Arc<dyn std::any::Any + Send + Sync>),
 }
 
 impl Event {
@@ -343,47 +337,4 @@ pub struct DetectedPhoto {
     pub path: PathBuf,
     /// Its faces (never empty).
     pub faces: Vec<PhotoFaceInfo>,
-}
-
-/// Which path field a file dialog fills.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum PickTarget {
-    /// U-Net checkpoint.
-    Unet,
-    /// U-Net config.
-    UnetConfig,
-    /// VQ decoder checkpoint.
-    Decoder,
-    /// VQ decoder config.
-    DecoderConfig,
-    /// Face-recognition model (for later issues).
-    FrModel,
-    /// Identity context file.
-    Contexts,
-    /// Session file to open.
-    OpenSession,
-    /// Session file to save.
-    SaveSession,
-    /// PNG export target.
-    ExportPng,
-    /// Export tab: the generated folder to export.
-    DatasetSource,
-    /// Export tab: the embeddings file.
-    DatasetEmbeddings,
-    /// Export tab: the manual rejects file.
-    DatasetRejects,
-    /// Export tab: the reference embeddings of the leakage check.
-    DatasetReference,
-    /// Export tab: the destination folder.
-    DatasetOut,
-    /// Train tab: the training data (ImageFolder or RecordIO folder).
-    TrainData,
-    /// Train tab: the validation `.bin`.
-    TrainVal,
-    /// Train tab: the output folder.
-    TrainOut,
-    /// Identities panel: a photo whose faces become identities.
-    Photo,
-    /// Identities panel: the folder of the ONNX face models.
-    ModelsDir,
 }

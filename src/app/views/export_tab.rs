@@ -4,6 +4,7 @@
 //! [`crate::worker::dataset_export`].
 
 use super::{widgets, ViewCtx};
+use crate::app::messages::PickTarget;
 use crate::app::state::{format_duration, AppState};
 use crate::app::style;
 use crate::dataset::curate::{CurationCounts, CurationRules, ImageId, LeakageRule, RuleCount};
@@ -13,7 +14,7 @@ use crate::worker::dataset_export::{
     spawn_export, spawn_preview, CurationRequest, DatasetExportRequest, DatasetSource,
     PreparedCache,
 };
-use crate::worker::{Event, PickTarget, Worker};
+use crate::worker::{Event, Worker};
 use egui::{RichText, Ui};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -2,9 +2,9 @@
 
 use super::{grid_view, zoom_view, ViewCtx};
 use crate::app::forms::RunMode;
+use crate::app::messages::PickTarget;
 use crate::app::state::{format_duration, AppState, Busy};
 use crate::app::style;
-use crate::worker::PickTarget;
 use egui::{Color32, RichText, Ui};
 
 /// Draws the Generate tab.

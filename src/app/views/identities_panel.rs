@@ -4,9 +4,9 @@
 use super::widgets::{caption, path_field};
 use super::ViewCtx;
 use crate::app::forms::IdentitySourceKind;
+use crate::app::messages::PickTarget;
 use crate::app::state::AppState;
 use crate::app::style;
-use crate::worker::PickTarget;
 use egui::{RichText, Ui};
 use std::path::PathBuf;
 

@@ -15,7 +15,8 @@ pub mod zoom_view;
 
 use super::state::{AppState, Tab};
 use super::textures::Thumbnails;
-use crate::worker::{PickTarget, Worker};
+use crate::app::messages::PickTarget;
+use crate::worker::Worker;
 use egui::{RichText, Ui};
 use std::path::PathBuf;
 

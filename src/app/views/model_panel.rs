@@ -3,9 +3,9 @@
 use super::widgets::{caption, path_field, primary_button};
 use super::ViewCtx;
 use crate::app::forms::WeightSource;
+use crate::app::messages::PickTarget;
 use crate::app::state::{format_count, AppState, Busy};
 use crate::app::style;
-use crate::worker::PickTarget;
 use egui::{RichText, Ui};
 
 /// Draws the Model panel.

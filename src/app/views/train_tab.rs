@@ -5,6 +5,7 @@
 //! terminated). The work runs in [`crate::worker::train`], never on the UI thread.
 
 use super::{widgets, ViewCtx};
+use crate::app::messages::PickTarget;
 use crate::app::state::{format_duration, AppState};
 use crate::app::style;
 use crate::train::config::{BackboneSpec, TrainConfig};
@@ -12,7 +13,7 @@ use crate::train::margin::LossKind;
 use crate::train::metrics::EpochRecord;
 use crate::train::run::{RunInfo, StepEvent, TrainEvent};
 use crate::worker::train::{spawn, LogStream, ProcFaceData, TrainJob, TrainOutcome, TrainRequest};
-use crate::worker::{Event, PickTarget, Worker};
+use crate::worker::{Event, Worker};
 use egui::{Color32, RichText, Ui};
 use egui_plot::{Legend, Line, Plot, PlotPoints, Points};
 use std::collections::VecDeque;

@@ -1,7 +1,7 @@
 //! Small shared widgets: section headers, path fields, labelled rows.
 
+use crate::app::messages::PickTarget;
 use crate::app::style;
-use crate::worker::PickTarget;
 use egui::{RichText, Ui};
 
 /// A collapsible settings section with a bold title.
