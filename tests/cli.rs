@@ -941,7 +941,7 @@ fn ds_generate(f: &GenFixtures, out: &Path, steps: &str, extra: &[&str]) {
 }
 
 fn ds_decode(path: &Path) -> image::RgbImage {
-    idiff_studio::dataset::decode_rgb(&std::fs::read(path).unwrap()).unwrap()
+    idiff_studio::imageops::decode_rgb(&std::fs::read(path).unwrap()).unwrap()
 }
 
 #[test]

@@ -724,7 +724,8 @@ pub fn embed_images(
 
 fn load_input(path: &Path, model: &FrModel) -> Result<Vec<f32>> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let img = crate::dataset::decode_rgb(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let img =
+        crate::imageops::decode_rgb(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
     model
         .preprocess(&img)
         .map_err(|e| anyhow!("{}: {e}", path.display()))

@@ -494,7 +494,7 @@ mod tests {
         names.sort();
         assert_eq!(names, vec!["0000.jpg", "0002.jpg"]);
         let img =
-            crate::dataset::decode_rgb(&std::fs::read(folder.join("000002/0001.jpg")).unwrap())
+            crate::imageops::decode_rgb(&std::fs::read(folder.join("000002/0001.jpg")).unwrap())
                 .unwrap();
         assert_eq!(img.dimensions(), (128, 128));
         let m = read_export_manifest(&folder).unwrap();

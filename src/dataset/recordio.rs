@@ -13,8 +13,9 @@
 //!   identity records that follow map identity `i` to its image key range `(start, end)`.
 //! - `train.idx`: text lines `key\tbyte_offset`; `property`: `num_classes,height,width`.
 
-use super::{decode_rgb, encode_image, ImageEncoding};
+use super::{encode_image, ImageEncoding};
 use crate::files::{rename_into_place, temp_path};
+use crate::imageops::decode_rgb;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use image::RgbImage;
 use std::collections::{BTreeSet, HashMap};

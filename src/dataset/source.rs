@@ -2,8 +2,8 @@
 //! or images held in memory (the studio's grid, benchmarks, tests).
 
 use super::curate::ImageId;
-use super::decode_rgb;
 use crate::generate::Manifest;
+use crate::imageops::decode_rgb;
 use anyhow::{anyhow, bail, Context, Result};
 use image::RgbImage;
 use std::path::{Path, PathBuf};

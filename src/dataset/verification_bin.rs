@@ -7,8 +7,9 @@
 //! under protocol 2). `issame` may be a list of bools (or numpy bool scalars) or a numpy
 //! bool array. Files written here use pickle protocol 3 with `bytes` and a list of bools.
 
-use super::{decode_rgb, encode_image, ImageEncoding};
+use super::{encode_image, ImageEncoding};
 use crate::files::write_atomic;
+use crate::imageops::decode_rgb;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use image::RgbImage;
 use serde_pickle::{DeOptions, SerOptions, Value};

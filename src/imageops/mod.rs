@@ -1,9 +1,32 @@
-//! Reading and resampling images, shared by the recognisers, the detector and the embedding
-//! pipeline.
+//! Reading, decoding and resampling images, shared by the datasets, the recognisers, the
+//! detector and the embedding pipeline.
+
+mod jpeg;
 
 use anyhow::{anyhow, bail, Result};
 use image::RgbImage;
 use std::path::Path;
+
+/// Decodes JPEG/PNG bytes (format guessed from the content) into an RGB u8 image.
+///
+/// Baseline JPEGs are decoded exactly as libjpeg-turbo's defaults do (as OpenCV and Pillow
+/// decode them in the reference); other JPEG variants and PNG use the `image` crate.
+pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage> {
+    if bytes.starts_with(&[0xFF, 0xD8]) {
+        match jpeg::decode(bytes) {
+            Ok(Some(img)) => return Ok(img),
+            Ok(None) => tracing::debug!("JPEG variant not reproduced exactly; using image crate"),
+            Err(e) => tracing::debug!("exact JPEG decoder failed ({e}); trying image crate"),
+        }
+    }
+    let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| anyhow!("cannot read image bytes: {e}"))?;
+    let img = reader
+        .decode()
+        .map_err(|e| anyhow!("cannot decode image ({} bytes): {e}", bytes.len()))?;
+    Ok(img.to_rgb8())
+}
 
 /// Reads an image as RGB, naming the file on failure.
 ///
