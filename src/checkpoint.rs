@@ -253,11 +253,6 @@ impl StateDict {
     pub fn take(&mut self, name: &str) -> Option<Tensor> {
         self.tensors.remove(name)
     }
-
-    /// Total number of elements over all tensors.
-    pub fn parameter_count(&self) -> usize {
-        self.tensors.values().map(|t| t.elem_count()).sum()
-    }
 }
 
 /// A parameter the model asked for: its name and shape.

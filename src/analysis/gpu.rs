@@ -98,16 +98,6 @@ fn suitable(a: &wgpu::Adapter) -> bool {
         && l.max_storage_buffers_per_shader_stage >= 4
 }
 
-/// Names of the compute-capable adapters wgpu finds (for diagnostics).
-pub fn adapter_names() -> Vec<String> {
-    let instance = new_instance();
-    block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY))
-        .iter()
-        .filter(|a| suitable(a))
-        .map(|a| describe(&a.get_info()))
-        .collect()
-}
-
 fn new_instance() -> wgpu::Instance {
     wgpu::Instance::new(wgpu::InstanceDescriptor {
         backends: wgpu::Backends::PRIMARY,

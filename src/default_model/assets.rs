@@ -7,7 +7,7 @@ use crate::diffusion::schedule::Schedule;
 use crate::models::config::ConfigSource;
 use crate::models::iresnet::{IResNet, IResNetConfig};
 use crate::models::unet::{ConditionalUNet, UNetConfig};
-use crate::models::vq::{VqConfig, VqDecoder, VqEncoder};
+use crate::models::vq::{VqConfig, VqDecoder};
 use crate::pipeline::{Pipeline, WeightPaths};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
@@ -154,17 +154,6 @@ impl DefaultModel {
             .retain(|k, _| !(k.starts_with("encoder.") || k.starts_with("quant_conv.")));
         build_checked(&state, DType::F32, device, |vb| {
             VqDecoder::new(vb, &self.vq_config)
-        })
-    }
-
-    /// The VQ encoder, in F32.
-    pub fn vq_encoder(&self, device: &Device) -> Result<VqEncoder> {
-        let mut state = self.state(&self.vq, "vq.safetensors")?;
-        state
-            .tensors
-            .retain(|k, _| k.starts_with("encoder.") || k.starts_with("quant_conv."));
-        build_checked(&state, DType::F32, device, |vb| {
-            VqEncoder::new(vb, &self.vq_config)
         })
     }
 

@@ -188,13 +188,3 @@ impl ValidationSet {
 
 /// Images per forward batch in evaluation.
 pub const EVAL_BATCH: usize = 64;
-
-/// InsightFace verification of `model` (an [`IResNet`] or a [`TrainNet`], weights on
-/// `device`) on the `.bin` at `bin_path`.
-pub fn evaluate_bin(
-    model: &dyn Embedder,
-    bin_path: &Path,
-    device: &Device,
-) -> Result<VerificationResult> {
-    ValidationSet::from_bin(bin_path)?.evaluate(model, device, EVAL_BATCH)
-}

@@ -162,12 +162,6 @@ impl AnalyzeState {
         }
     }
 
-    /// Shows a finished result (tests and sessions).
-    pub fn set_result(&mut self, result: AnalysisResult) {
-        self.result = Some(Arc::new(result));
-        self.error = None;
-    }
-
     /// Per-identity rows in the current sort order.
     pub fn sorted_rows(&self) -> Vec<usize> {
         let Some(r) = &self.result else {
