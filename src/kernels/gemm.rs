@@ -525,18 +525,18 @@ pub fn kernel_threads() -> usize {
 /// use every thread of the pool: their parallel loops then start from inside the pool
 /// (no wake-up from outside per op). Results do not depend on the number of threads.
 pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    rayon::scope(|_| {
-        let previous = LEADS_POOL.replace(true);
-        let out = f();
-        LEADS_POOL.set(previous);
-        out
-    })
+    rayon::scope(|_| leading_pool(true, f))
 }
 
 /// Runs `f` with one thread per kernel (see [`kernel_threads`]) on this rayon worker, also
 /// when it leads the pool: for work that already runs in parallel parts.
 pub fn one_thread_per_kernel<R>(f: impl FnOnce() -> R) -> R {
-    let previous = LEADS_POOL.replace(false);
+    leading_pool(false, f)
+}
+
+/// Runs `f` with this thread marked as leading the pool or not, then restores the mark.
+fn leading_pool<R>(leads: bool, f: impl FnOnce() -> R) -> R {
+    let previous = LEADS_POOL.replace(leads);
     let out = f();
     LEADS_POOL.set(previous);
     out

@@ -51,18 +51,111 @@ struct Conv2dOp {
     pad: usize,
 }
 
-impl Conv2dOp {
+/// An op with weights whose backward pass is written out: its forward on contiguous values
+/// (with an optional bias, one value per output channel) and the gradients of its input and
+/// weight. [`WithBackward`] makes it a candle op; the bias gradient is the output
+/// gradient's channel sums.
+trait ConvPass: std::fmt::Debug + Copy + Send + Sync + 'static {
+    /// Name of the op without and with bias.
+    const NAMES: [&'static str; 2];
+
+    fn run(
+        &self,
+        x: (&CpuStorage, &Layout),
+        w: (&CpuStorage, &Layout),
+        bias: Option<&[f32]>,
+    ) -> Result<(CpuStorage, Shape)>;
+
+    fn grads(&self, x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)>;
+}
+
+/// A [`ConvPass`] as a candle op: [`CustomOp2`] without bias, [`CustomOp3`] with one.
+#[derive(Debug, Clone, Copy)]
+struct WithBackward<P>(P);
+
+impl<P: ConvPass> CustomOp2 for WithBackward<P> {
+    fn name(&self) -> &'static str {
+        P::NAMES[0]
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.0.run((s1, l1), (s2, l2), None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = self.0.grads(x, w, &grad.contiguous()?)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl<P: ConvPass> CustomOp3 for WithBackward<P> {
+    fn name(&self) -> &'static str {
+        P::NAMES[1]
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let bias = f32_values(s3, l3, "bias")?;
+        self.0.run((s1, l1), (s2, l2), Some(bias))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (dx, dw) = self.0.grads(x, w, &grad)?;
+        Ok((Some(dx), Some(dw), Some(channel_sum(&grad)?)))
+    }
+}
+
+/// Applies `op` to contiguous copies of `x`, `w` and `bias`.
+fn apply<P: ConvPass>(op: P, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match bias {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, WithBackward(op)),
+        None => x.apply_op2(&w, WithBackward(op)),
+    }
+}
+
+impl ConvPass for Conv2dOp {
+    const NAMES: [&'static str; 2] = ["fast-conv2d", "fast-conv2d-bias"];
+
     /// `y = conv(x, w) [+ bias]` on contiguous values.
     fn run(
         &self,
         (x, xl): (&CpuStorage, &Layout),
         (w, wl): (&CpuStorage, &Layout),
-        bias: Option<Vec<f32>>,
+        bias: Option<&[f32]>,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w) = (
             f32_values(x, xl, "conv2d: input")?,
             f32_values(w, wl, "conv2d: weight")?,
         );
+        let bias = bias.map(<[f32]>::to_vec);
         let conv = ConvWeights::from_slice(w, wl.dims(), bias, self.stride, self.pad)?;
         let (y, g) = conv.run_new(x, xl.dims())?;
         Ok((CpuStorage::F32(y), Shape::from((g.b, g.cout, g.ho, g.wo))))
@@ -90,65 +183,6 @@ impl Conv2dOp {
             },
         )?;
         Ok((dx, dw))
-    }
-}
-
-impl CustomOp2 for Conv2dOp {
-    fn name(&self) -> &'static str {
-        "fast-conv2d"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.run((s1, l1), (s2, l2), None)
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw) = self.grads(x, w, &grad.contiguous()?)?;
-        Ok((Some(dx), Some(dw)))
-    }
-}
-
-impl CustomOp3 for Conv2dOp {
-    fn name(&self) -> &'static str {
-        "fast-conv2d-bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let bias = f32_values(s3, l3, "conv2d: bias")?.to_vec();
-        self.run((s1, l1), (s2, l2), Some(bias))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _bias: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let (dx, dw) = self.grads(x, w, &grad)?;
-        Ok((Some(dx), Some(dw), Some(channel_sum(&grad)?)))
     }
 }
 
@@ -345,11 +379,7 @@ pub fn conv2d(
             None => Ok(y),
         };
     }
-    let (x, w) = (x.contiguous()?, w.contiguous()?);
-    match bias {
-        Some(b) => x.apply_op3(&w, &b.contiguous()?, op),
-        None => x.apply_op2(&w, op),
-    }
+    apply(op, x, w, bias)
 }
 
 /// Transposed convolution `(x [B, Cin, H, W], w [Cin, Cout, k, k]) → y [B, Cout, Ho, Wo]`
@@ -362,7 +392,9 @@ struct ConvTranspose2dOp {
     pad: usize,
 }
 
-impl ConvTranspose2dOp {
+impl ConvPass for ConvTranspose2dOp {
+    const NAMES: [&'static str; 2] = ["fast-conv-transpose2d", "fast-conv-transpose2d-bias"];
+
     fn run(
         &self,
         (x, xl): (&CpuStorage, &Layout),
@@ -382,6 +414,13 @@ impl ConvTranspose2dOp {
                 self.pad
             )));
         };
+        if bias.is_some_and(|b| Some(&b.len()) != wl.dims().get(1)) {
+            return Err(Error::Msg(format!(
+                "conv_transpose2d: bias of {} values for weight {:?}",
+                bias.map_or(0, <[f32]>::len),
+                wl.dims()
+            )));
+        }
         let op = GradInputOp {
             stride: self.stride,
             pad: self.pad,
@@ -403,12 +442,11 @@ impl ConvTranspose2dOp {
         Ok((CpuStorage::F32(y), shape))
     }
 
-    /// The gradients of input and weight.
     fn grads(&self, x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
-        let conv = Conv2dOp {
+        let conv = WithBackward(Conv2dOp {
             stride: self.stride,
             pad: self.pad,
-        };
+        });
         let w = w.contiguous()?;
         let dx = grad.apply_op2_no_bwd(&w, &conv)?;
         let dw = grad.apply_op2_no_bwd(
@@ -420,72 +458,6 @@ impl ConvTranspose2dOp {
             },
         )?;
         Ok((dx, dw))
-    }
-}
-
-impl CustomOp2 for ConvTranspose2dOp {
-    fn name(&self) -> &'static str {
-        "fast-conv-transpose2d"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.run((s1, l1), (s2, l2), None)
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw) = self.grads(x, w, &grad.contiguous()?)?;
-        Ok((Some(dx), Some(dw)))
-    }
-}
-
-impl CustomOp3 for ConvTranspose2dOp {
-    fn name(&self) -> &'static str {
-        "fast-conv-transpose2d-bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let bias = f32_values(s3, l3, "conv_transpose2d: bias")?;
-        if bias.len() != l2.dims().get(1).copied().unwrap_or(0) {
-            return Err(Error::Msg(format!(
-                "conv_transpose2d: bias of {} values for weight {:?}",
-                bias.len(),
-                l2.dims()
-            )));
-        }
-        self.run((s1, l1), (s2, l2), Some(bias))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _bias: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let (dx, dw) = self.grads(x, w, &grad)?;
-        Ok((Some(dx), Some(dw), Some(channel_sum(&grad)?)))
     }
 }
 
@@ -509,11 +481,7 @@ pub fn conv_transpose2d(
         stride,
         pad: padding,
     };
-    let (x, w) = (x.contiguous()?, w.contiguous()?);
-    match bias {
-        Some(b) => x.apply_op3(&w, &b.contiguous()?, op),
-        None => x.apply_op2(&w, op),
-    }
+    apply(op, x, w, bias)
 }
 
 #[cfg(test)]

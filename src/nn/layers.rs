@@ -7,10 +7,11 @@
 //! of magnitude slower than the forward GEMM, and `GroupNorm` is a chain of broadcast ops
 //! each with its own backward (as are the backward passes of SiLU and GELU, and of a
 //! broadcast bias). Whenever a gradient is being tracked on an F32 CPU tensor these use the
-//! fused ops of [`crate::nn::conv`] (the packed convolution and transposed convolution,
-//! each the other's gradient, and the packed weight gradient) and [`crate::nn::fused`] (GroupNorm, activations and the
-//! channel bias: one op forward, one backward). Other devices and dtypes run candle's own
-//! layers. Parameter names (`weight`, `bias`) and initialisation are candle_nn's.
+//! fused ops of [`crate::nn::conv`] (the packed convolution and transposed convolution, each
+//! the other's gradient, bias included, and the packed weight gradient) and
+//! [`crate::nn::fused`] (GroupNorm and activations: one op forward, one backward). Other
+//! devices and dtypes run candle's own layers. Parameter names (`weight`, `bias`) and
+//! initialisation are candle_nn's.
 //!
 //! [`TrainKernels::Composed`] selects candle's own ops everywhere (for training: convolution
 //! as im2col from differentiable `narrow` + `cat` and one matmul, candle's GroupNorm, SiLU
