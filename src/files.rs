@@ -22,6 +22,28 @@ pub fn temp_path(path: &Path) -> Result<PathBuf> {
     )))
 }
 
+/// The process id in a temporary name made by [`temp_path`], if `name` is one.
+fn temp_owner(name: &str) -> Option<u32> {
+    let (head, tail) = name.rsplit_once(".tmp-")?;
+    let (pid, n) = tail.split_once('-')?;
+    let numeric = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    (head.starts_with('.') && numeric(n)).then(|| pid.parse().ok())?
+}
+
+/// Removes the temporary files that atomic writes of other processes left in `dir` (a run
+/// killed mid-write), for a command that resumes into a folder it owns.
+pub fn remove_stale_temps(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let owner = temp_owner(&e.file_name().to_string_lossy());
+        if owner.is_some_and(|pid| pid != std::process::id()) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Writes `bytes` to `path` atomically.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic_with(path, |tmp| {
@@ -89,5 +111,30 @@ mod tests {
             .collect();
         assert_eq!(names, ["a.txt"]);
         assert!(write_atomic(&dir.path().join("missing/c.txt"), b"x").is_err());
+    }
+
+    #[test]
+    fn stale_temps_of_other_processes_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let own = temp_path(&dir.path().join("m.json")).unwrap();
+        let names = [
+            ".m.json.tmp-1-0".to_owned(),
+            own.file_name().unwrap().to_string_lossy().into_owned(),
+            "m.json".to_owned(),
+            ".m.json.tmp-x-0".to_owned(),
+            "a.tmp-1-2".to_owned(),
+        ];
+        for n in &names {
+            std::fs::write(dir.path().join(n), b"x").unwrap();
+        }
+        remove_stale_temps(dir.path());
+        let mut left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        let mut want = names[1..].to_vec();
+        want.sort();
+        assert_eq!(left, want);
     }
 }

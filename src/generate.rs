@@ -406,7 +406,9 @@ fn prepare_out_dir(out: &Path) -> Result<()> {
     std::fs::write(&probe, b"ok")
         .with_context(|| format!("output folder {} is not writable", out.display()))?;
     let _ = std::fs::remove_file(&probe);
-    // Leftovers of an interrupted identity are discarded.
+    // Leftovers of an interrupted run (an identity folder, a file being written) are
+    // discarded.
+    crate::files::remove_stale_temps(out);
     if let Ok(entries) = std::fs::read_dir(out) {
         for e in entries.flatten() {
             if e.file_name().to_string_lossy().starts_with(".partial-") {

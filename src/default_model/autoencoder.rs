@@ -237,6 +237,7 @@ pub fn run(a: &TrainAutoencoderArgs) -> Result<i32> {
     anyhow::ensure!(a.batch_size > 0, "batch size must be positive");
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;
+    crate::files::remove_stale_temps(&a.out);
     let t0 = Instant::now();
     let data = FaceSet::render(0..a.identities, a.per_identity, a.size)?;
     let held_out = FaceSet::render(

@@ -466,6 +466,7 @@ pub fn run(a: &TrainDiffusionArgs) -> Result<i32> {
     );
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;
+    crate::files::remove_stale_temps(&a.out);
     let set = prepare(a, &device)?;
     let (n, _, h, _) = set.latents.dims4()?;
     let d = set.contexts.dim(1)?;

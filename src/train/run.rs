@@ -163,6 +163,7 @@ pub fn train_on(
     }
     let out = &cfg.out;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    crate::files::remove_stale_temps(out);
     let mut trainer = Trainer::new(cfg, source.num_classes(), steps_per_epoch, &device)?;
     let checkpoint = load_latest(out)?;
     let resumed_from = match checkpoint {
