@@ -5,7 +5,7 @@
 use super::f32_values;
 use super::gemm::{gemm, kernel_threads, Matrix, Output, PackedA};
 use super::linear::LinearWeights;
-use super::math::softmax;
+use super::math::softmax_columns;
 use candle_core::{CpuStorage, CustomOp2, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -81,23 +81,18 @@ impl AttentionWeights {
                 &k[i * d * nk..(i + 1) * d * nk],
                 &v[i * d * nk..(i + 1) * d * nk],
             );
-            // scores (nq × nk) = q_hᵀ · k_h.
-            let mut scores = vec![0f32; nq * nk];
-            let qt = PackedA::new(qh, nq, d, 1, nq);
-            let src = Matrix::new(kh, nk, 1);
-            gemm(
-                &qt,
-                &src,
-                nk,
-                Output::new(&mut scores, nk),
-                false,
-                None,
-                threads,
-            );
-            scores.chunks_mut(nk).for_each(softmax);
+            // The transposed scores (nk × nq) = k_hᵀ · q_h, each query's column softmaxed,
+            // so that both products read their right operand row by row.
+            let mut scores = Vec::with_capacity(nk * nq);
+            let kt = PackedA::new(kh, nk, d, 1, nk);
+            let out = Output::batch_unfilled(&mut scores.spare_capacity_mut()[..nk * nq], nk, nq);
+            gemm(&kt, &Matrix::new(qh, nq, 1), nq, out, false, None, threads);
+            // SAFETY: the product wrote all nk × nq values.
+            unsafe { scores.set_len(nk * nq) };
+            softmax_columns(&mut scores, nq);
             // mixed_h (d × nq) = v_h · scoresᵀ.
             let vp = PackedA::new(vh, d, nk, nk, 1);
-            let src = Matrix::new(&scores, 1, nk);
+            let src = Matrix::new(&scores, nq, 1);
             gemm(&vp, &src, nq, Output::new(dst, nq), false, None, threads);
         };
         let len = (d * nq).max(1);

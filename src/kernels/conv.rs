@@ -212,10 +212,65 @@ impl PanelSource for Im2colChannelsLastT<'_> {
     }
 }
 
+impl Im2col<'_> {
+    /// Packs like [`PanelSource::pack`] through a table of each column's source offset per
+    /// kernel tap: for small images, whose output rows are too short for runs to pay.
+    fn pack_by_table(
+        &self,
+        k0: usize,
+        kc: usize,
+        n0: usize,
+        len: usize,
+        nr: usize,
+        out: &mut [f32],
+    ) {
+        const NONE: usize = usize::MAX;
+        let g = self.g;
+        let (k, plane_len, pixels) = (g.k, g.h * g.w, g.pixels());
+        let image_len = g.cin * plane_len;
+        let mut table = vec![NONE; k * k * nr];
+        for (jp, panel) in out[..len.div_ceil(nr) * kc * nr]
+            .chunks_exact_mut(kc * nr)
+            .enumerate()
+        {
+            let j0 = n0 + jp * nr;
+            let w = nr.min(n0 + len - j0);
+            for (t, offsets) in table.chunks_exact_mut(nr).enumerate() {
+                let (ky, kx) = (t / k, t % k);
+                for (d, o) in offsets.iter_mut().enumerate() {
+                    *o = NONE;
+                    if d < w {
+                        let (image, pixel) = ((j0 + d) / pixels, (j0 + d) % pixels);
+                        let (oy, ox) = (pixel / g.wo, pixel % g.wo);
+                        if let (Some(iy), Some(ix)) = (g.src(oy, ky, g.h), g.src(ox, kx, g.w)) {
+                            *o = image * image_len + iy * g.w + ix;
+                        }
+                    }
+                }
+            }
+            let (mut c, mut t) = (k0 / (k * k), k0 % (k * k));
+            for dst in panel.chunks_exact_mut(nr) {
+                let plane = &self.x[c * plane_len..];
+                for (v, &o) in dst.iter_mut().zip(&table[t * nr..(t + 1) * nr]) {
+                    *v = if o == NONE { 0.0 } else { plane[o] };
+                }
+                t += 1;
+                if t == k * k {
+                    t = 0;
+                    c += 1;
+                }
+            }
+        }
+    }
+}
+
 impl PanelSource for Im2col<'_> {
     fn pack(&self, k0: usize, kc: usize, n0: usize, len: usize, nr: usize, out: &mut [f32]) {
         let g = self.g;
         let up = self.up;
+        if up == 1 && 2 * g.wo < nr {
+            return self.pack_by_table(k0, kc, n0, len, nr, out);
+        }
         let (src_h, src_w) = (g.h / up, g.w / up);
         let (k, s, plane_len, pixels) = (g.k, g.stride, src_h * src_w, g.pixels());
         let image_len = g.cin * plane_len;

@@ -25,8 +25,11 @@ pub const MR: usize = 12;
 pub const KC: usize = 256;
 /// Columns of `B` packed at once (a block of `KC × NC` values stays in L2).
 const NC: usize = 512;
-/// Products of fewer multiply–adds than this run on one thread.
+/// Products of fewer multiply–adds than this run on one thread, unless `A` is large.
 const SMALL_PRODUCT: usize = 1 << 23;
+/// Values of `A` from which a product is split across threads whatever its size: with few
+/// columns it is bound by reading `A` from memory, which two cores do twice as fast.
+const LARGE_A: usize = 1 << 18;
 
 /// The instruction set the kernels run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -503,6 +506,42 @@ impl RawOutput {
 thread_local! {
     /// Per-thread buffer for packed blocks of `B`.
     static PACKED_B: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Per-thread buffer for a whole `B` packed before a product split by rows.
+    static SHARED_B: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Largest `B` (in values) packed once for all threads of a product split by rows.
+const SHARED_B_MAX: usize = 1 << 22;
+
+/// Packs all of `b` (`k × n`) into `buf` in the layout of [`Prepacked`], blocks side by side
+/// on `threads` threads.
+fn pack_whole(
+    b: &dyn PanelSource,
+    k: usize,
+    n: usize,
+    nr: usize,
+    buf: &mut Vec<f32>,
+) -> PackedLayout {
+    let layout = PackedLayout { k, n, nr };
+    if buf.len() < layout.len() {
+        buf.resize(layout.len(), 0.0);
+    }
+    let mut blocks = Vec::new();
+    let mut rest = &mut buf[..layout.len()];
+    for s0 in (0..n).step_by(NC) {
+        let len = NC.min(n - s0);
+        let width = len.div_ceil(nr) * nr;
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0);
+            let (block, tail) = std::mem::take(&mut rest).split_at_mut(kc * width);
+            blocks.push((k0, kc, s0, len, block));
+            rest = tail;
+        }
+    }
+    blocks
+        .par_iter_mut()
+        .for_each(|(k0, kc, s0, len, block)| b.pack(*k0, *kc, *s0, *len, nr, block));
+    layout
 }
 
 thread_local! {
@@ -589,15 +628,17 @@ pub fn gemm_with(
     let n_panels = n.div_ceil(nr);
     let m_panels = a.panels();
     // Small products are not worth waking another thread for.
-    let threads = if m * n * a.k < SMALL_PRODUCT {
+    let threads = if m * n * a.k < SMALL_PRODUCT && m * a.k < LARGE_A {
         1
     } else {
         threads.max(1)
     };
     // Tasks: column ranges (in panels) × row-panel ranges, disjoint regions of C.
+    // Each thread reads all of the operand that is not split: split the larger one's
+    // partner, i.e. the rows (of `A`) when `A` is larger than `B`.
     let (n_parts, m_parts) = if threads == 1 {
         (1, 1)
-    } else if n_panels >= threads {
+    } else if n_panels >= threads && (m <= n || m_panels < threads) {
         (threads.min(n_panels), 1)
     } else {
         (1, threads.min(m_panels))
@@ -619,15 +660,30 @@ pub fn gemm_with(
         group: c.group,
         group_stride: c.group_stride,
     };
-    let run = |&(n0, n1, i0, i1): &(usize, usize, usize, usize)| {
-        // SAFETY: tasks cover disjoint rows × columns of C, inside its bounds (asserted
-        // for the extreme corners; the strides are monotone).
-        unsafe { gemm_region(simd, a, b, n0, n1, i0, i1, out, accumulate, bias) }
+    let run = |b: &dyn PanelSource| {
+        let one = |&(n0, n1, i0, i1): &(usize, usize, usize, usize)| {
+            // SAFETY: tasks cover disjoint rows × columns of C, inside its bounds (asserted
+            // for the extreme corners; the strides are monotone).
+            unsafe { gemm_region(simd, a, b, n0, n1, i0, i1, out, accumulate, bias) }
+        };
+        if tasks.len() > 1 {
+            tasks.par_iter().for_each(one);
+        } else {
+            tasks.iter().for_each(one);
+        }
     };
-    if tasks.len() > 1 {
-        tasks.par_iter().for_each(run);
+    // Threads that share the columns would each pack all of `B`: pack it once instead.
+    let k = a.k;
+    if m_parts > 1 && k > 0 && b.prepacked(0, KC.min(k), 0, nr).is_none() && k * n <= SHARED_B_MAX {
+        super::with_thread_buffer(&SHARED_B, |buf| {
+            let layout = pack_whole(b, k, n, nr, buf);
+            run(&Prepacked {
+                layout,
+                data: &buf[..layout.len()],
+            });
+        });
     } else {
-        tasks.iter().for_each(run);
+        run(b);
     }
 }
 
@@ -677,30 +733,49 @@ unsafe fn gemm_region(
                     // in place (its first `h` rows); any other is gathered into a buffer and
                     // scattered back.
                     let half = nr / 2;
-                    let in_place = w == nr
-                        && c.cs == 1
-                        && if simd == Simd::Avx512 {
-                            j0 / c.group == (j0 + half - 1) / c.group
+                    // On AVX-512 a tile of at most 16 columns (a small image at batch 1)
+                    // runs a half-width kernel instead of computing 16 padding columns.
+                    let narrow = simd == Simd::Avx512 && w <= half;
+                    let in_place = c.cs == 1
+                        && if narrow {
+                            w == half && j0 / c.group == (j0 + half - 1) / c.group
+                        } else if simd == Simd::Avx512 {
+                            w == nr
+                                && j0 / c.group == (j0 + half - 1) / c.group
                                 && (j0 + half) / c.group == (j0 + nr - 1) / c.group
                         } else {
-                            j0 / c.group == (j0 + nr - 1) / c.group
+                            w == nr && j0 / c.group == (j0 + nr - 1) / c.group
                         };
                     for ip in i0..i1 {
                         let h = MR.min(m - ip * MR);
                         let ap = a.panel(k0, kc, ip);
                         let bias = bias.filter(|_| last).map(|b| &b[ip * MR..ip * MR + h]);
                         if in_place {
-                            let (c0, c1) = (c.at(ip * MR, j0), c.at(ip * MR, j0 + half));
-                            kernel(simd, kc, ap, bp, (c0, c1), c.rs, load_c, h);
+                            let c0 = c.at(ip * MR, j0);
+                            let parts = if narrow {
+                                narrow_kernel(kc, ap, bp, c0, c.rs, load_c, h);
+                                [Some(c0), None]
+                            } else {
+                                let c1 = c.at(ip * MR, j0 + half);
+                                kernel(simd, kc, ap, bp, (c0, c1), c.rs, load_c, h);
+                                [Some(c0), Some(c1)]
+                            };
                             for (i, &v) in bias.into_iter().flatten().enumerate() {
-                                for part in [c0, c1] {
+                                for part in parts.into_iter().flatten() {
                                     std::slice::from_raw_parts_mut(part.add(i * c.rs), half)
                                         .iter_mut()
                                         .for_each(|x| *x += v);
                                 }
                             }
                         } else {
-                            scattered_tile(simd, kc, ap, bp, c, ip * MR, j0, h, w, load_c, bias);
+                            let tile = Tile {
+                                i0: ip * MR,
+                                j0,
+                                h,
+                                w,
+                                narrow,
+                            };
+                            scattered_tile(simd, kc, ap, bp, c, tile, load_c, bias);
                         }
                     }
                 }
@@ -733,6 +808,37 @@ unsafe fn kernel(
     }
 }
 
+/// The half-width (16-column) AVX-512 kernel on a tile of a packed panel of 32 columns.
+#[inline]
+unsafe fn narrow_kernel(
+    kc: usize,
+    ap: &[f32],
+    bp: &[f32],
+    c: *mut f32,
+    ldc: usize,
+    load_c: bool,
+    rows: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    x86::kernel_avx512_narrow(kc, ap.as_ptr(), bp.as_ptr(), c, ldc, load_c, rows);
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!(
+        "AVX-512 kernel on {:?}",
+        (kc, ap.len(), bp.len(), c, ldc, load_c, rows)
+    );
+}
+
+/// Where a tile of `C` lies: rows `i0..i0 + h`, columns `j0..j0 + w`, and whether it runs
+/// the half-width kernel.
+#[derive(Clone, Copy)]
+struct Tile {
+    i0: usize,
+    j0: usize,
+    h: usize,
+    w: usize,
+    narrow: bool,
+}
+
 /// A partial tile, or one whose columns are not contiguous in `C` (strided, or across
 /// groups): gathered into a buffer, computed there and scattered back.
 #[allow(clippy::too_many_arguments)]
@@ -742,10 +848,13 @@ unsafe fn scattered_tile(
     ap: &[f32],
     bp: &[f32],
     c: RawOutput,
-    i0: usize,
-    j0: usize,
-    h: usize,
-    w: usize,
+    Tile {
+        i0,
+        j0,
+        h,
+        w,
+        narrow,
+    }: Tile,
     load_c: bool,
     bias: Option<&[f32]>,
 ) {
@@ -765,7 +874,11 @@ unsafe fn scattered_tile(
         }
     }
     let tile = buf.as_mut_ptr();
-    kernel(simd, kc, ap, bp, (tile, tile.add(nr / 2)), nr, load_c, MR);
+    if narrow {
+        narrow_kernel(kc, ap, bp, tile, nr, load_c, MR);
+    } else {
+        kernel(simd, kc, ap, bp, (tile, tile.add(nr / 2)), nr, load_c, MR);
+    }
     for i in 0..h {
         let row = base.add((i0 + i) * c.rs);
         let v = bias.map(|b| b[i]);
@@ -854,6 +967,40 @@ mod x86 {
             if i < rows {
                 _mm512_storeu_ps(c0.add(i * ldc), row[0]);
                 _mm512_storeu_ps(c1.add(i * ldc), row[1]);
+            }
+        }
+    }
+
+    /// `MR × 16` tile (its first `rows` rows) of a packed panel of 32 columns: 12
+    /// accumulators of 16 lanes, the same chains as [`kernel_avx512`]'s.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn kernel_avx512_narrow(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        load_c: bool,
+        rows: usize,
+    ) {
+        let mut acc = [_mm512_setzero_ps(); MR];
+        if load_c {
+            for (i, v) in acc.iter_mut().enumerate() {
+                if i < rows {
+                    *v = _mm512_loadu_ps(c.add(i * ldc));
+                }
+            }
+        }
+        for p in 0..kc {
+            let b0 = _mm512_loadu_ps(b.add(p * 32));
+            let ap = a.add(p * MR);
+            for (i, v) in acc.iter_mut().enumerate() {
+                *v = _mm512_fmadd_ps(_mm512_set1_ps(*ap.add(i)), b0, *v);
+            }
+        }
+        for (i, v) in acc.iter().enumerate() {
+            if i < rows {
+                _mm512_storeu_ps(c.add(i * ldc), *v);
             }
         }
     }
@@ -1065,6 +1212,11 @@ mod tests {
             (13, 33, 300),
             (37, 70, 513),
             (5, 600, 20),
+            // Half-width tiles: a whole product of 16 columns, and 16 after a full tile.
+            (13, 16, 300),
+            (25, 48, 33),
+            // More rows than columns: split by rows, `B` packed once for all threads.
+            (100, 70, 300),
         ] {
             let a = values(m * k, 1);
             let b = values(k * n, 2);

@@ -25,7 +25,10 @@ pub fn exp(x: f32) -> f32 {
             + r * (0.5
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2ⁿ from the exponent bits: n + 127 ∈ [1, 254] lands in the low mantissa bits of
+    // n + 127 + 2²³, and the shift drops the bits above it (no float → int conversion, which
+    // would not vectorise).
+    let scale = f32::from_bits((n + (127.0 + 8_388_608.0)).to_bits() << 23);
     p * scale
 }
 
@@ -183,7 +186,21 @@ pub fn softmax(row: &mut [f32]) {
     dispatch(
         #[inline(always)]
         || {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            // Sixteen running maxima (the maximum is exact in any order), so the loop
+            // vectorises.
+            let mut highs = [f32::NEG_INFINITY; 16];
+            let chunks = row.chunks_exact(16);
+            let mut max = chunks
+                .remainder()
+                .iter()
+                .copied()
+                .fold(f32::NEG_INFINITY, f32::max);
+            for c in chunks {
+                for (h, &v) in highs.iter_mut().zip(c) {
+                    *h = h.max(v);
+                }
+            }
+            max = highs.into_iter().fold(max, f32::max);
             row.iter_mut().for_each(|v| *v = exp(*v - max));
             // Eight partial sums, so the reduction vectorises (the same order on every path).
             let mut lanes = [0f32; 8];
@@ -197,6 +214,38 @@ pub fn softmax(row: &mut [f32]) {
             let sum = lanes.iter().sum::<f32>() + tail;
             let inv = 1.0 / sum;
             row.iter_mut().for_each(|v| *v *= inv);
+        },
+    )
+}
+
+/// Softmax of every column of the row-major matrix `m` (`cols` wide) in place
+/// (max-subtracted; each column summed from the first row down).
+pub fn softmax_columns(m: &mut [f32], cols: usize) {
+    if cols == 0 {
+        return;
+    }
+    dispatch(
+        #[inline(always)]
+        || {
+            let mut max = vec![f32::NEG_INFINITY; cols];
+            for row in m.chunks_exact(cols) {
+                for (h, &v) in max.iter_mut().zip(row) {
+                    *h = h.max(v);
+                }
+            }
+            let mut sum = vec![0f32; cols];
+            for row in m.chunks_exact_mut(cols) {
+                for ((v, &h), s) in row.iter_mut().zip(&max).zip(sum.iter_mut()) {
+                    *v = exp(*v - h);
+                    *s += *v;
+                }
+            }
+            sum.iter_mut().for_each(|s| *s = 1.0 / *s);
+            for row in m.chunks_exact_mut(cols) {
+                for (v, &inv) in row.iter_mut().zip(&sum) {
+                    *v *= inv;
+                }
+            }
         },
     )
 }
