@@ -26,7 +26,11 @@ const BLOCK_TILES: usize = 256;
 
 /// Fewest tiles per image for which the transforms pay off against the direct convolution
 /// (measured on an AVX-512 CPU).
-pub(crate) const MIN_IMAGE_TILES: usize = 36;
+pub(crate) const MIN_IMAGE_TILES: usize = 16;
+
+/// Tiles per thread below which a convolution runs as one block whose 16 products are
+/// shared out among the threads.
+const FEW_TILES_PER_THREAD: usize = 16;
 
 /// Fewest input and output channels for which they pay off.
 pub(crate) const MIN_CHANNELS: usize = 16;
@@ -104,6 +108,15 @@ impl WinogradWeights {
         };
         let rows = b * geo.th;
         let threads = threads.max(1);
+        if threads > 1 && rows * geo.tw < threads * FEW_TILES_PER_THREAD {
+            // Few tiles: one block, whose products and output transform the threads share
+            // (each reads part of the weights instead of all of them).
+            let out = y.as_mut_ptr() as *mut f32;
+            return super::with_thread_buffer(&BUFFERS, |(v, m)| {
+                // SAFETY: the one block writes every output row.
+                unsafe { self.block(x, &geo, 0, rows, bias, out, v, m, threads) };
+            });
+        }
         let per_block = (BLOCK_TILES / geo.tw).max(1);
         // At least one block per thread.
         let per_block = per_block.min(rows.div_ceil(threads)).max(1);
@@ -115,7 +128,7 @@ impl WinogradWeights {
         let run = |&(r0, r1): &(usize, usize)| {
             super::with_thread_buffer(&BUFFERS, |(v, m)| {
                 // SAFETY: blocks cover disjoint rows of tiles, so disjoint output rows.
-                unsafe { self.block(x, &geo, r0, r1, bias, out as *mut f32, v, m) };
+                unsafe { self.block(x, &geo, r0, r1, bias, out as *mut f32, v, m, 1) };
             })
         };
         if blocks.len() > 1 && threads > 1 {
@@ -125,7 +138,8 @@ impl WinogradWeights {
         }
     }
 
-    /// Tile rows `r0..r1` (counted over the whole batch).
+    /// Tile rows `r0..r1` (counted over the whole batch); the products and the output
+    /// transform on `threads` threads.
     ///
     /// # Safety
     /// `y` must address the whole output, of which this call alone writes those rows.
@@ -140,6 +154,7 @@ impl WinogradWeights {
         y: *mut f32,
         v: &mut Vec<f32>,
         m: &mut Vec<f32>,
+        threads: usize,
     ) {
         let (cin, cout, tw) = (self.cin, self.cout, geo.tw);
         let n = (r1 - r0) * tw;
@@ -166,23 +181,40 @@ impl WinogradWeights {
                 scratch.write_packed(&layout, v, stride, c, col, rows, tw);
             }
         }
-        for xi in 0..XI {
+        let product = |(xi, c): (usize, &mut [f32])| {
             let b = Prepacked {
                 layout,
                 data: &v[xi * stride..][..stride],
             };
-            let c = Output::new(&mut m[xi * cout * n..][..cout * n], n);
-            gemm(&self.u[xi], &b, n, c, false, None, 1);
+            gemm(&self.u[xi], &b, n, Output::new(c, n), false, None, 1);
+        };
+        let products = m[..XI * cout * n].chunks_mut(cout * n).enumerate();
+        if threads > 1 {
+            products.par_bridge().for_each(product);
+        } else {
+            products.for_each(product);
         }
         let out_plane = geo.ho * geo.wo;
-        for o in 0..cout {
-            let tiles: [&[f32]; XI] = std::array::from_fn(|xi| &m[(xi * cout + o) * n..][..n]);
-            let beta = bias.map_or(0.0, |b| b[o]);
-            scratch.transform_output(&tiles, beta);
-            for &(image, ty, rows, col) in &pieces {
-                let dst = y.add((image * cout + o) * out_plane);
-                scratch.write_output(geo, ty, rows, col, dst);
+        let (m, y) = (&*m, y as usize);
+        let outputs = |os: std::ops::Range<usize>| {
+            let mut scratch = PlaneScratch::default();
+            for o in os {
+                let tiles: [&[f32]; XI] = std::array::from_fn(|xi| &m[(xi * cout + o) * n..][..n]);
+                let beta = bias.map_or(0.0, |b| b[o]);
+                scratch.transform_output(&tiles, beta);
+                for &(image, ty, rows, col) in &pieces {
+                    // SAFETY: channel `o` of these tile rows is written by this call alone.
+                    let dst = unsafe { (y as *mut f32).add((image * cout + o) * out_plane) };
+                    unsafe { scratch.write_output(geo, ty, rows, col, dst) };
+                }
             }
+        };
+        if threads > 1 {
+            (0..threads)
+                .into_par_iter()
+                .for_each(|t| outputs(cout * t / threads..cout * (t + 1) / threads));
+        } else {
+            outputs(0..cout);
         }
     }
 }
@@ -534,6 +566,8 @@ mod tests {
             (1, 3, 7, 5, 4, 1),
             (3, 4, 4, 3, 12, 2),
             (1, 17, 1, 1, 2, 1),
+            // Enough tiles for blocks of their own on each thread.
+            (2, 5, 16, 14, 13, 1),
         ] {
             let x = values(b * cin * h * w, 1);
             let wt = values(cout * cin * 9, 2);
