@@ -860,11 +860,35 @@ unsafe fn scattered_tile(
 ) {
     let nr = simd.nr();
     let mut buf = [0f32; MR * 32];
+    let base = c.ptr as *mut f32;
+    if c.cs == 1 && j0 / c.group == (j0 + w - 1) / c.group {
+        // A partial tile of adjacent columns: whole row pieces in and out.
+        let first = c.column(j0);
+        let row = |i: usize| std::slice::from_raw_parts_mut(base.add((i0 + i) * c.rs + first), w);
+        if load_c {
+            for i in 0..h {
+                buf[i * nr..i * nr + w].copy_from_slice(row(i));
+            }
+        }
+        let tile = buf.as_mut_ptr();
+        if narrow {
+            narrow_kernel(kc, ap, bp, tile, nr, load_c, MR);
+        } else {
+            kernel(simd, kc, ap, bp, (tile, tile.add(nr / 2)), nr, load_c, MR);
+        }
+        for i in 0..h {
+            let (dst, src) = (row(i), &buf[i * nr..i * nr + w]);
+            match bias.map(|b| b[i]) {
+                Some(v) => dst.iter_mut().zip(src).for_each(|(d, &x)| *d = x + v),
+                None => dst.copy_from_slice(src),
+            }
+        }
+        return;
+    }
     let mut cols = [0usize; 32];
     for (j, col) in cols.iter_mut().enumerate().take(w) {
         *col = c.column(j0 + j);
     }
-    let base = c.ptr as *mut f32;
     if load_c {
         for i in 0..h {
             let row = base.add((i0 + i) * c.rs);

@@ -10,11 +10,9 @@
 use crate::checkpoint::{build_checked, load_state_dict};
 use crate::kernels::math::ChannelAffine;
 use crate::kernels::tensor_values;
-use crate::nn::layers::{conv2d_no_bias, Conv2d};
+use crate::nn::layers::{conv2d_no_bias, linear, Conv2d, Linear};
 use candle_core::{DType, Device, Module, ModuleT, Result, Tensor, D};
-use candle_nn::{
-    batch_norm, linear, prelu, BatchNorm, BatchNormConfig, Conv2dConfig, Linear, PReLU, VarBuilder,
-};
+use candle_nn::{batch_norm, prelu, BatchNorm, BatchNormConfig, Conv2dConfig, PReLU, VarBuilder};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 

@@ -287,7 +287,11 @@ impl Linear {
 }
 
 impl Module for Linear {
+    /// [`Linear::forward_rows`] for `(B, in)`, candle's layer for other shapes.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.rank() == 2 {
+            return self.forward_rows(x);
+        }
         self.inner.forward(x)
     }
 }
