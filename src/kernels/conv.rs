@@ -371,6 +371,29 @@ impl ConvWeights {
         Self::from_slice(&w, weight.dims(), bias, stride, pad)
     }
 
+    /// A kernel of shape `[c_out, c_in, k, k]` already packed as `c_out × (c_in·k·k)`.
+    pub(crate) fn from_packed(
+        packed: PackedA,
+        dims: [usize; 4],
+        stride: usize,
+        pad: usize,
+    ) -> Result<Self> {
+        let [cout, cin, k, k2] = dims;
+        if k != k2 || stride == 0 || packed.rows() != cout || packed.depth() != cin * k * k {
+            return Err(Error::Msg(format!(
+                "conv2d: packed kernel does not fit {dims:?} with stride {stride}"
+            )));
+        }
+        Ok(Self {
+            packed,
+            bias: None,
+            dims,
+            stride,
+            pad,
+            winograd: OnceLock::new(),
+        })
+    }
+
     /// Packs a contiguous kernel `w` of shape `dims` (`[c_out, c_in, k, k]`).
     pub fn from_slice(
         w: &[f32],
@@ -414,24 +437,35 @@ impl ConvWeights {
     }
 
     /// Convolves contiguous images `x` (shape `dims`) into a new buffer, written once (never
-    /// zero-filled first), by Winograd's product where that is faster (see [`Self::infer`]).
+    /// zero-filled first), by Winograd's product where that is faster although its weights
+    /// are transformed for this one call (see [`Self::infer`]): for training, whose weights
+    /// change at every step.
     pub(crate) fn run_new(&self, x: &[f32], dims: &[usize]) -> Result<(Vec<f32>, Geom)> {
         let g = Geom::new(dims, &self.dims, self.stride, self.pad)?;
-        let y = self.infer_new(x, dims, 1, g.b * g.out_len())?;
+        let min_tiles = winograd::MIN_IMAGE_TILES_ONE_CALL;
+        let y = self.infer_new(x, dims, 1, g.b * g.out_len(), min_tiles)?;
         Ok((y, g))
     }
 
     /// Runs [`Self::infer`] into a new buffer, written once (never zero-filled first).
-    fn infer_new(&self, x: &[f32], dims: &[usize], up: usize, len: usize) -> Result<Vec<f32>> {
+    fn infer_new(
+        &self,
+        x: &[f32],
+        dims: &[usize],
+        up: usize,
+        len: usize,
+        min_tiles: usize,
+    ) -> Result<Vec<f32>> {
         let mut y = Vec::with_capacity(len);
-        self.infer(x, dims, up, &mut y.spare_capacity_mut()[..len])?;
+        self.infer(x, dims, up, &mut y.spare_capacity_mut()[..len], min_tiles)?;
         // SAFETY: `infer` succeeded, so it wrote all `len` values.
         unsafe { y.set_len(len) };
         Ok(y)
     }
 
     /// Like [`Self::run_upsampled`], but by Winograd's F(2×2, 3×3) where that is faster
-    /// (3×3 kernels, stride 1, padding 1, wide enough layers, large enough images).
+    /// (3×3 kernels, stride 1, padding 1, wide enough layers, images of at least `min_tiles`
+    /// tiles).
     /// Results differ from the direct product by rounding (the gradients of the training
     /// convolution are those of the exact product).
     fn infer(
@@ -440,6 +474,7 @@ impl ConvWeights {
         dims: &[usize],
         up: usize,
         y: &mut [MaybeUninit<f32>],
+        min_tiles: usize,
     ) -> Result<Geom> {
         let g = self.checked_geom(x, dims, up, y)?;
         // Decided per image, so that an image gives the same bits in any batch.
@@ -450,7 +485,7 @@ impl ConvWeights {
             && (up == 1 || up == 2)
             && g.cin >= winograd::MIN_CHANNELS
             && g.cout >= winograd::MIN_CHANNELS
-            && tiles >= winograd::MIN_IMAGE_TILES
+            && tiles >= min_tiles
         {
             let wg = self.winograd.get_or_init(|| {
                 WinogradWeights::new(g.cout, g.cin, |o, c| {
@@ -515,7 +550,8 @@ impl CustomOp1 for ConvWeights {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_values(s, l, "conv2d input")?;
         let g = Geom::new(l.dims(), &self.dims, self.stride, self.pad)?;
-        let y = self.infer_new(x, l.dims(), 1, g.b * g.out_len())?;
+        let min_tiles = winograd::MIN_IMAGE_TILES;
+        let y = self.infer_new(x, l.dims(), 1, g.b * g.out_len(), min_tiles)?;
         Ok((CpuStorage::F32(y), Shape::from((g.b, g.cout, g.ho, g.wo))))
     }
 }
@@ -542,7 +578,10 @@ impl CustomOp1 for Upsampled2<'_> {
             self.0.stride,
             self.0.pad,
         )?;
-        let y = self.0.infer_new(x, l.dims(), 2, g.b * g.out_len())?;
+        let min_tiles = winograd::MIN_IMAGE_TILES;
+        let y = self
+            .0
+            .infer_new(x, l.dims(), 2, g.b * g.out_len(), min_tiles)?;
         Ok((CpuStorage::F32(y), Shape::from((g.b, g.cout, g.ho, g.wo))))
     }
 }

@@ -28,6 +28,9 @@ const BLOCK_TILES: usize = 256;
 /// (measured on an AVX-512 CPU).
 pub(crate) const MIN_IMAGE_TILES: usize = 16;
 
+/// The same when the weights are transformed for one call only (training).
+pub(crate) const MIN_IMAGE_TILES_ONE_CALL: usize = 36;
+
 /// Tiles per thread below which a convolution runs as one block whose 16 products are
 /// shared out among the threads.
 const FEW_TILES_PER_THREAD: usize = 16;

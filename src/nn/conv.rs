@@ -345,18 +345,24 @@ impl CustomOp2 for GradWeightOp {
 /// `[Cin, Cout, k, k]` whose stride-1 convolution with padding `k − 1 − p` of a gradient
 /// `[B, Cout, Ho, Wo]` is the input gradient `[B, Cin, H, W]`.
 fn flipped_kernel(w: &[f32], g: &Geom) -> Result<ConvWeights> {
-    let (k, kk) = (g.k, g.k * g.k);
-    let mut flipped = vec![0f32; w.len()];
-    for o in 0..g.cout {
-        for c in 0..g.cin {
-            let src = &w[(o * g.cin + c) * kk..][..kk];
-            let dst = &mut flipped[(c * g.cout + o) * kk..][..kk];
-            for (i, d) in dst.iter_mut().enumerate() {
-                *d = src[kk - 1 - i];
+    let (k, kk, cin) = (g.k, g.k * g.k, g.cin);
+    if w.len() != g.cout * cin * kk {
+        return Err(Error::Msg(
+            "conv2d grad: weight does not fit the geometry".into(),
+        ));
+    }
+    // Row c, column o·k² + t of the flipped kernel is w[o][c][k² − 1 − t], packed as read.
+    let packed = PackedA::from_rows(cin, g.cout * kk, |c, p0, out| {
+        let (mut o, mut t) = (p0 / kk, p0 % kk);
+        for v in out.iter_mut() {
+            *v = w[(o * cin + c) * kk + kk - 1 - t];
+            t += 1;
+            if t == kk {
+                (o, t) = (o + 1, 0);
             }
         }
-    }
-    ConvWeights::from_slice(&flipped, &[g.cin, g.cout, k, k], None, 1, k - 1 - g.pad)
+    });
+    ConvWeights::from_packed(packed, [cin, g.cout, k, k], 1, k - 1 - g.pad)
 }
 
 /// 2-d convolution of `x [B, Cin, H, W]` with `w [Cout, Cin, k, k]` and an optional `bias
