@@ -8,6 +8,7 @@
 //! `y = col2im(Wᵀ · x)`.
 
 use super::gemm::{gemm, kernel_threads, Matrix, Output, PackedA, PanelSource};
+use super::math::dispatch;
 use super::winograd::{self, WinogradWeights};
 use super::{f32_values, tensor_values};
 use candle_core::{CpuStorage, CustomOp1, Error, Layout, Result, Shape, Tensor};
@@ -215,6 +216,7 @@ impl PanelSource for Im2colChannelsLastT<'_> {
 impl Im2col<'_> {
     /// Packs like [`PanelSource::pack`] through a table of each column's source offset per
     /// kernel tap: for small images, whose output rows are too short for runs to pay.
+    #[inline(always)]
     fn pack_by_table(
         &self,
         k0: usize,
@@ -266,11 +268,34 @@ impl Im2col<'_> {
 
 impl PanelSource for Im2col<'_> {
     fn pack(&self, k0: usize, kc: usize, n0: usize, len: usize, nr: usize, out: &mut [f32]) {
+        // Compiled for the active instruction set (the strided gathers vectorise).
+        dispatch(
+            #[inline(always)]
+            || {
+                if self.up == 1 && 2 * self.g.wo < nr {
+                    self.pack_by_table(k0, kc, n0, len, nr, out)
+                } else {
+                    self.pack_by_runs(k0, kc, n0, len, nr, out)
+                }
+            },
+        )
+    }
+}
+
+impl Im2col<'_> {
+    /// Packs like [`PanelSource::pack`] run by run along the output rows.
+    #[inline(always)]
+    fn pack_by_runs(
+        &self,
+        k0: usize,
+        kc: usize,
+        n0: usize,
+        len: usize,
+        nr: usize,
+        out: &mut [f32],
+    ) {
         let g = self.g;
         let up = self.up;
-        if up == 1 && 2 * g.wo < nr {
-            return self.pack_by_table(k0, kc, n0, len, nr, out);
-        }
         let (src_h, src_w) = (g.h / up, g.w / up);
         let (k, s, plane_len, pixels) = (g.k, g.stride, src_h * src_w, g.pixels());
         let image_len = g.cin * plane_len;
@@ -328,6 +353,14 @@ impl PanelSource for Im2col<'_> {
                         let start = iy * g.w + a * s + kx - g.pad;
                         if s == 1 {
                             seg.copy_from_slice(&plane[start..start + (b - a)]);
+                        } else if s == 2 {
+                            // Every other value, as pairs (which vectorises).
+                            let (last, head) = seg.split_last_mut().expect("a < b");
+                            let pairs = plane[start..start + 2 * head.len()].chunks_exact(2);
+                            for (v, pair) in head.iter_mut().zip(pairs) {
+                                *v = pair[0];
+                            }
+                            *last = plane[start + 2 * head.len()];
                         } else {
                             for (v, src) in seg.iter_mut().zip(plane[start..].iter().step_by(s)) {
                                 *v = *src;
