@@ -8,6 +8,7 @@ use super::linear::LinearWeights;
 use super::math::softmax_columns;
 use candle_core::{CpuStorage, CustomOp2, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Multiply–adds of the score and mixing products below which the heads run on one thread.
 const PARALLEL_WORK: usize = 1 << 22;
@@ -73,9 +74,9 @@ impl AttentionWeights {
         let mut k = self.k.channels(kv, batch, nk, threads);
         let v = self.v.channels(kv, batch, nk, threads);
         q.iter_mut().chain(k.iter_mut()).for_each(|t| *t *= scale);
-        let mut mixed = vec![0f32; batch * c * nq];
+        let mut mixed = Vec::with_capacity(batch * c * nq);
         // One (image, head) pair: rows h·d.. of that image's q, k, v and mixed output.
-        let head = |(i, dst): (usize, &mut [f32]), threads: usize| {
+        let head = |(i, dst): (usize, &mut [MaybeUninit<f32>]), threads: usize| {
             let (qh, kh, vh) = (
                 &q[i * d * nq..(i + 1) * d * nq],
                 &k[i * d * nk..(i + 1) * d * nk],
@@ -93,21 +94,25 @@ impl AttentionWeights {
             // mixed_h (d × nq) = v_h · scoresᵀ.
             let vp = PackedA::new(vh, d, nk, nk, 1);
             let src = Matrix::new(&scores, nq, 1);
-            gemm(&vp, &src, nq, Output::new(dst, nq), false, None, threads);
+            let out = Output::batch_unfilled(dst, d, nq);
+            gemm(&vp, &src, nq, out, false, None, threads);
         };
         let len = (d * nq).max(1);
         let work = batch * c * nq * nk;
+        let spare = &mut mixed.spare_capacity_mut()[..batch * c * nq];
         if threads > 1 && batch * self.heads > 1 && work >= PARALLEL_WORK {
-            mixed
+            spare
                 .par_chunks_mut(len)
                 .enumerate()
                 .for_each(|p| head(p, 1));
         } else {
-            mixed
+            spare
                 .chunks_mut(len)
                 .enumerate()
                 .for_each(|p| head(p, threads));
         }
+        // SAFETY: every head's product wrote all of its d × nq values.
+        unsafe { mixed.set_len(batch * c * nq) };
         self.out.channels(&mixed, batch, nq, threads)
     }
 }

@@ -75,9 +75,10 @@ impl LinearWeights {
     /// `x (batch, in, n)` → `(batch, out, n)`.
     pub fn channels(&self, x: &[f32], batch: usize, n: usize, threads: usize) -> Vec<f32> {
         let (out, inp) = (self.out_features(), self.in_features());
-        let mut y = vec![0f32; batch * out * n];
+        let len = batch * out * n;
+        let mut y = Vec::with_capacity(len);
         let src = Matrix::batch(x, inp, n);
-        let dst = Output::batch(&mut y, out, n);
+        let dst = Output::batch_unfilled(&mut y.spare_capacity_mut()[..len], out, n);
         gemm(
             &self.weight,
             &src,
@@ -87,6 +88,8 @@ impl LinearWeights {
             self.bias.as_deref(),
             threads,
         );
+        // SAFETY: the product (not accumulating) wrote all `len` values.
+        unsafe { y.set_len(len) };
         y
     }
 
