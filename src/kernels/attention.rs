@@ -2,12 +2,13 @@
 //! 1×1 projections `q, k, v`, per head the scores `qᵀk` (both pre-scaled by `d^(−1/4)`), a
 //! row softmax in place, `v · wᵀ`, and the output projection — no transposed copies.
 
-use super::f32_values;
 use super::gemm::{gemm, kernel_threads, Matrix, Output, PackedA};
 use super::linear::LinearWeights;
 use super::math::softmax_columns;
+use super::{f32_values, written};
 use candle_core::{CpuStorage, CustomOp2, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::convert::Infallible;
 use std::mem::MaybeUninit;
 
 /// Multiply–adds of the score and mixing products below which the heads run on one thread.
@@ -74,7 +75,6 @@ impl AttentionWeights {
         let mut k = self.k.channels(kv, batch, nk, threads);
         let v = self.v.channels(kv, batch, nk, threads);
         q.iter_mut().chain(k.iter_mut()).for_each(|t| *t *= scale);
-        let mut mixed = Vec::with_capacity(batch * c * nq);
         // One (image, head) pair: rows h·d.. of that image's q, k, v and mixed output.
         let head = |(i, dst): (usize, &mut [MaybeUninit<f32>]), threads: usize| {
             let (qh, kh, vh) = (
@@ -84,12 +84,14 @@ impl AttentionWeights {
             );
             // The transposed scores (nk × nq) = k_hᵀ · q_h, each query's column softmaxed,
             // so that both products read their right operand row by row.
-            let mut scores = Vec::with_capacity(nk * nq);
             let kt = PackedA::new(kh, nk, d, 1, nk);
-            let out = Output::batch_unfilled(&mut scores.spare_capacity_mut()[..nk * nq], nk, nq);
-            gemm(&kt, &Matrix::new(qh, nq, 1), nq, out, false, None, threads);
-            // SAFETY: the product wrote all nk × nq values.
-            unsafe { scores.set_len(nk * nq) };
+            let transposed_scores = |s: &mut [MaybeUninit<f32>]| {
+                let out = Output::batch_unfilled(s, nk, nq);
+                gemm(&kt, &Matrix::new(qh, nq, 1), nq, out, false, None, threads);
+                Ok::<_, Infallible>(())
+            };
+            // SAFETY: the product writes all nk × nq values.
+            let Ok(mut scores) = unsafe { written(nk * nq, transposed_scores) };
             softmax_columns(&mut scores, nq);
             // mixed_h (d × nq) = v_h · scoresᵀ.
             let vp = PackedA::new(vh, d, nk, nk, 1);
@@ -99,20 +101,22 @@ impl AttentionWeights {
         };
         let len = (d * nq).max(1);
         let work = batch * c * nq * nk;
-        let spare = &mut mixed.spare_capacity_mut()[..batch * c * nq];
-        if threads > 1 && batch * self.heads > 1 && work >= PARALLEL_WORK {
-            spare
-                .par_chunks_mut(len)
-                .enumerate()
-                .for_each(|p| head(p, 1));
-        } else {
-            spare
-                .chunks_mut(len)
-                .enumerate()
-                .for_each(|p| head(p, threads));
-        }
-        // SAFETY: every head's product wrote all of its d × nq values.
-        unsafe { mixed.set_len(batch * c * nq) };
+        let heads = |spare: &mut [MaybeUninit<f32>]| {
+            if threads > 1 && batch * self.heads > 1 && work >= PARALLEL_WORK {
+                spare
+                    .par_chunks_mut(len)
+                    .enumerate()
+                    .for_each(|p| head(p, 1));
+            } else {
+                spare
+                    .chunks_mut(len)
+                    .enumerate()
+                    .for_each(|p| head(p, threads));
+            }
+            Ok::<_, Infallible>(())
+        };
+        // SAFETY: every head's product writes all of its d × nq values.
+        let Ok(mixed) = unsafe { written(batch * c * nq, heads) };
         self.out.channels(&mixed, batch, nq, threads)
     }
 }

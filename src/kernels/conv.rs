@@ -10,7 +10,7 @@
 use super::gemm::{gemm, kernel_threads, Matrix, Output, PackedA, PanelSource};
 use super::math::dispatch;
 use super::winograd::{self, WinogradWeights};
-use super::{f32_values, tensor_values};
+use super::{f32_values, tensor_values, written};
 use candle_core::{CpuStorage, CustomOp1, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -264,25 +264,7 @@ impl Im2col<'_> {
             }
         }
     }
-}
 
-impl PanelSource for Im2col<'_> {
-    fn pack(&self, k0: usize, kc: usize, n0: usize, len: usize, nr: usize, out: &mut [f32]) {
-        // Compiled for the active instruction set (the strided gathers vectorise).
-        dispatch(
-            #[inline(always)]
-            || {
-                if self.up == 1 && 2 * self.g.wo < nr {
-                    self.pack_by_table(k0, kc, n0, len, nr, out)
-                } else {
-                    self.pack_by_runs(k0, kc, n0, len, nr, out)
-                }
-            },
-        )
-    }
-}
-
-impl Im2col<'_> {
     /// Packs like [`PanelSource::pack`] run by run along the output rows.
     #[inline(always)]
     fn pack_by_runs(
@@ -380,6 +362,22 @@ impl Im2col<'_> {
                 }
             }
         }
+    }
+}
+
+impl PanelSource for Im2col<'_> {
+    fn pack(&self, k0: usize, kc: usize, n0: usize, len: usize, nr: usize, out: &mut [f32]) {
+        // Compiled for the active instruction set (the strided gathers vectorise).
+        dispatch(
+            #[inline(always)]
+            || {
+                if self.up == 1 && 2 * self.g.wo < nr {
+                    self.pack_by_table(k0, kc, n0, len, nr, out)
+                } else {
+                    self.pack_by_runs(k0, kc, n0, len, nr, out)
+                }
+            },
+        )
     }
 }
 
@@ -489,11 +487,8 @@ impl ConvWeights {
         len: usize,
         min_tiles: usize,
     ) -> Result<Vec<f32>> {
-        let mut y = Vec::with_capacity(len);
-        self.infer(x, dims, up, &mut y.spare_capacity_mut()[..len], min_tiles)?;
-        // SAFETY: `infer` succeeded, so it wrote all `len` values.
-        unsafe { y.set_len(len) };
-        Ok(y)
+        // SAFETY: `infer` writes all `len` values when it succeeds.
+        unsafe { written(len, |y| self.infer(x, dims, up, y, min_tiles).map(|_| ())) }
     }
 
     /// Like [`Self::run_upsampled`], but by Winograd's F(2×2, 3×3) where that is faster

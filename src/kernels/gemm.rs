@@ -861,39 +861,26 @@ unsafe fn scattered_tile(
     let nr = simd.nr();
     let mut buf = [0f32; MR * 32];
     let base = c.ptr as *mut f32;
-    if c.cs == 1 && j0 / c.group == (j0 + w - 1) / c.group {
-        // A partial tile of adjacent columns: whole row pieces in and out.
-        let first = c.column(j0);
-        let row = |i: usize| std::slice::from_raw_parts_mut(base.add((i0 + i) * c.rs + first), w);
-        if load_c {
-            for i in 0..h {
-                buf[i * nr..i * nr + w].copy_from_slice(row(i));
-            }
-        }
-        let tile = buf.as_mut_ptr();
-        if narrow {
-            narrow_kernel(kc, ap, bp, tile, nr, load_c, MR);
-        } else {
-            kernel(simd, kc, ap, bp, (tile, tile.add(nr / 2)), nr, load_c, MR);
-        }
-        for i in 0..h {
-            let (dst, src) = (row(i), &buf[i * nr..i * nr + w]);
-            match bias.map(|b| b[i]) {
-                Some(v) => dst.iter_mut().zip(src).for_each(|(d, &x)| *d = x + v),
-                None => dst.copy_from_slice(src),
-            }
-        }
-        return;
-    }
+    // Adjacent columns (a partial tile) move as whole row pieces, others one by one.
+    let adjacent = c.cs == 1 && j0 / c.group == (j0 + w - 1) / c.group;
     let mut cols = [0usize; 32];
-    for (j, col) in cols.iter_mut().enumerate().take(w) {
-        *col = c.column(j0 + j);
+    if adjacent {
+        cols[0] = c.column(j0);
+    } else {
+        for (j, col) in cols.iter_mut().enumerate().take(w) {
+            *col = c.column(j0 + j);
+        }
     }
+    let row = |i: usize| base.add((i0 + i) * c.rs);
     if load_c {
         for i in 0..h {
-            let row = base.add((i0 + i) * c.rs);
-            for j in 0..w {
-                buf[i * nr + j] = *row.add(cols[j]);
+            let dst = &mut buf[i * nr..i * nr + w];
+            if adjacent {
+                dst.copy_from_slice(std::slice::from_raw_parts(row(i).add(cols[0]), w));
+            } else {
+                for (d, &col) in dst.iter_mut().zip(&cols) {
+                    *d = *row(i).add(col);
+                }
             }
         }
     }
@@ -904,14 +891,21 @@ unsafe fn scattered_tile(
         kernel(simd, kc, ap, bp, (tile, tile.add(nr / 2)), nr, load_c, MR);
     }
     for i in 0..h {
-        let row = base.add((i0 + i) * c.rs);
+        let src = &buf[i * nr..i * nr + w];
         let v = bias.map(|b| b[i]);
-        for j in 0..w {
-            let x = buf[i * nr + j];
-            *row.add(cols[j]) = match v {
-                Some(v) => x + v,
-                None => x,
-            };
+        if adjacent {
+            let dst = std::slice::from_raw_parts_mut(row(i).add(cols[0]), w);
+            match v {
+                Some(v) => dst.iter_mut().zip(src).for_each(|(d, &x)| *d = x + v),
+                None => dst.copy_from_slice(src),
+            }
+        } else {
+            for (&x, &col) in src.iter().zip(&cols) {
+                *row(i).add(col) = match v {
+                    Some(v) => x + v,
+                    None => x,
+                };
+            }
         }
     }
 }

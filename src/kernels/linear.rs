@@ -4,8 +4,10 @@
 //! never depends on the rows beside it.
 
 use super::gemm::{gemm, kernel_threads, Matrix, Output, PackedA};
-use super::{f32_values, tensor_values};
+use super::{f32_values, tensor_values, written};
 use candle_core::{CpuStorage, CustomOp1, Error, Layout, Result, Shape, Tensor};
+use std::convert::Infallible;
+use std::mem::MaybeUninit;
 
 /// A linear layer's weight `[out, in]` (or a 1×1 convolution's `[out, in, 1(, 1)]`), packed,
 /// with its bias.
@@ -75,21 +77,15 @@ impl LinearWeights {
     /// `x (batch, in, n)` → `(batch, out, n)`.
     pub fn channels(&self, x: &[f32], batch: usize, n: usize, threads: usize) -> Vec<f32> {
         let (out, inp) = (self.out_features(), self.in_features());
-        let len = batch * out * n;
-        let mut y = Vec::with_capacity(len);
         let src = Matrix::batch(x, inp, n);
-        let dst = Output::batch_unfilled(&mut y.spare_capacity_mut()[..len], out, n);
-        gemm(
-            &self.weight,
-            &src,
-            batch * n,
-            dst,
-            false,
-            self.bias.as_deref(),
-            threads,
-        );
-        // SAFETY: the product (not accumulating) wrote all `len` values.
-        unsafe { y.set_len(len) };
+        let bias = self.bias.as_deref();
+        let product = |y: &mut [MaybeUninit<f32>]| {
+            let dst = Output::batch_unfilled(y, out, n);
+            gemm(&self.weight, &src, batch * n, dst, false, bias, threads);
+            Ok::<_, Infallible>(())
+        };
+        // SAFETY: the product (not accumulating) writes every value.
+        let Ok(y) = unsafe { written(batch * out * n, product) };
         y
     }
 

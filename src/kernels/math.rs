@@ -124,13 +124,14 @@ pub(crate) fn map_parts(
     unit: usize,
     f: impl Fn(usize, &[f32], &mut [MaybeUninit<f32>]) + Sync,
 ) -> Vec<f32> {
-    let n = x.len();
-    let mut y: Vec<f32> = Vec::with_capacity(n);
-    for_each_part(&mut y.spare_capacity_mut()[..n], unit, |first, part| {
-        f(first, &x[first..first + part.len()], part)
-    });
-    // SAFETY: the parts cover all `n` values and `f` wrote each of them.
-    unsafe { y.set_len(n) };
+    let parts = |y: &mut [MaybeUninit<f32>]| {
+        for_each_part(y, unit, |first, part| {
+            f(first, &x[first..first + part.len()], part)
+        });
+        Ok::<_, std::convert::Infallible>(())
+    };
+    // SAFETY: the parts cover all values and `f` writes each of them.
+    let Ok(y) = unsafe { super::written(x.len(), parts) };
     y
 }
 

@@ -67,6 +67,22 @@ pub(crate) fn with_thread_buffer<T: Default + 'static, R>(
     })
 }
 
+/// A new vector of `len` values written by `write` into memory that is never zero-filled
+/// first; `write`'s error (and nothing kept) when it fails.
+///
+/// # Safety
+/// When it returns `Ok`, `write` must have written every one of the `len` values.
+pub(crate) unsafe fn written<E>(
+    len: usize,
+    write: impl FnOnce(&mut [std::mem::MaybeUninit<f32>]) -> std::result::Result<(), E>,
+) -> std::result::Result<Vec<f32>, E> {
+    let mut y = Vec::with_capacity(len);
+    write(&mut y.spare_capacity_mut()[..len])?;
+    // SAFETY: the caller's promise: `write` succeeded, so all `len` values are written.
+    unsafe { y.set_len(len) };
+    Ok(y)
+}
+
 /// A tensor's values as a flat F32 vector (for packing parameters).
 pub(crate) fn tensor_values(t: &Tensor) -> Result<Vec<f32>> {
     t.to_dtype(candle_core::DType::F32)?

@@ -191,11 +191,14 @@ impl WinogradWeights {
             };
             gemm(&self.u[xi], &b, n, Output::new(c, n), false, None, 1);
         };
-        let products = m[..XI * cout * n].chunks_mut(cout * n).enumerate();
+        let products = &mut m[..XI * cout * n];
         if threads > 1 {
-            products.par_bridge().for_each(product);
+            products
+                .par_chunks_mut(cout * n)
+                .enumerate()
+                .for_each(product);
         } else {
-            products.for_each(product);
+            products.chunks_mut(cout * n).enumerate().for_each(product);
         }
         let out_plane = geo.ho * geo.wo;
         let (m, y) = (&*m, y as usize);
