@@ -47,9 +47,15 @@ impl Simd {
     fn nr(self) -> usize {
         match self {
             Self::Avx512 => 32,
-            Self::Avx2 => 8,
+            Self::Avx2 => 16,
             Self::Portable => 8,
         }
+    }
+
+    /// Whether the micro-kernel writes its two column halves through separate pointers
+    /// and has a half-width variant.
+    fn split_halves(self) -> bool {
+        matches!(self, Self::Avx512 | Self::Avx2)
     }
 
     /// Whether this CPU can run the instruction set.
@@ -733,13 +739,13 @@ unsafe fn gemm_region(
                     // in place (its first `h` rows); any other is gathered into a buffer and
                     // scattered back.
                     let half = nr / 2;
-                    // On AVX-512 a tile of at most 16 columns (a small image at batch 1)
-                    // runs a half-width kernel instead of computing 16 padding columns.
-                    let narrow = simd == Simd::Avx512 && w <= half;
+                    // A tile of at most half the width (a small image at batch 1) runs a
+                    // half-width kernel instead of computing padding columns.
+                    let narrow = simd.split_halves() && w <= half;
                     let in_place = c.cs == 1
                         && if narrow {
                             w == half && j0 / c.group == (j0 + half - 1) / c.group
-                        } else if simd == Simd::Avx512 {
+                        } else if simd.split_halves() {
                             w == nr
                                 && j0 / c.group == (j0 + half - 1) / c.group
                                 && (j0 + half) / c.group == (j0 + nr - 1) / c.group
@@ -753,7 +759,7 @@ unsafe fn gemm_region(
                         if in_place {
                             let c0 = c.at(ip * MR, j0);
                             let parts = if narrow {
-                                narrow_kernel(kc, ap, bp, c0, c.rs, load_c, h);
+                                narrow_kernel(simd, kc, ap, bp, c0, c.rs, load_c, h);
                                 [Some(c0), None]
                             } else {
                                 let c1 = c.at(ip * MR, j0 + half);
@@ -785,8 +791,8 @@ unsafe fn gemm_region(
 }
 
 /// The micro-kernel of `simd` on the first `rows` rows of an `MR × nr` tile whose columns
-/// `0..nr/2` start at `c.0` and `nr/2..nr` at `c.1` (row stride `ldc`; on AVX2 and portable
-/// code `c.1` must be `c.0 + nr/2`).
+/// `0..nr/2` start at `c.0` and `nr/2..nr` at `c.1` (row stride `ldc`; in portable code
+/// `c.1` must be `c.0 + nr/2`).
 #[allow(clippy::too_many_arguments)]
 #[inline]
 unsafe fn kernel(
@@ -803,14 +809,17 @@ unsafe fn kernel(
         #[cfg(target_arch = "x86_64")]
         Simd::Avx512 => x86::kernel_avx512(kc, ap.as_ptr(), bp.as_ptr(), c, ldc, load_c, rows),
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 => x86::kernel_avx2(kc, ap.as_ptr(), bp.as_ptr(), c.0, ldc, load_c, rows),
+        Simd::Avx2 => x86::kernel_avx2(kc, ap.as_ptr(), bp.as_ptr(), c, ldc, load_c, rows),
         _ => kernel_portable(kc, ap, bp, c.0, ldc, load_c, rows),
     }
 }
 
-/// The half-width (16-column) AVX-512 kernel on a tile of a packed panel of 32 columns.
+/// The half-width kernel of `simd` (16 columns on AVX-512, 8 on AVX2) on a tile of a packed
+/// panel of full width.
+#[allow(clippy::too_many_arguments)]
 #[inline]
 unsafe fn narrow_kernel(
+    simd: Simd,
     kc: usize,
     ap: &[f32],
     bp: &[f32],
@@ -819,13 +828,15 @@ unsafe fn narrow_kernel(
     load_c: bool,
     rows: usize,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    x86::kernel_avx512_narrow(kc, ap.as_ptr(), bp.as_ptr(), c, ldc, load_c, rows);
-    #[cfg(not(target_arch = "x86_64"))]
-    unreachable!(
-        "AVX-512 kernel on {:?}",
-        (kc, ap.len(), bp.len(), c, ldc, load_c, rows)
-    );
+    match simd {
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => {
+            x86::kernel_avx512_narrow(kc, ap.as_ptr(), bp.as_ptr(), c, ldc, load_c, rows)
+        }
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 => x86::kernel_avx2_narrow(kc, ap.as_ptr(), bp.as_ptr(), c, ldc, load_c, rows),
+        _ => unreachable!("no half-width kernel for {simd:?}"),
+    }
 }
 
 /// Where a tile of `C` lies: rows `i0..i0 + h`, columns `j0..j0 + w`, and whether it runs
@@ -886,7 +897,7 @@ unsafe fn scattered_tile(
     }
     let tile = buf.as_mut_ptr();
     if narrow {
-        narrow_kernel(kc, ap, bp, tile, nr, load_c, MR);
+        narrow_kernel(simd, kc, ap, bp, tile, nr, load_c, MR);
     } else {
         kernel(simd, kc, ap, bp, (tile, tile.add(nr / 2)), nr, load_c, MR);
     }
@@ -1023,9 +1034,51 @@ mod x86 {
         }
     }
 
-    /// `MR × 8` tile (its first `rows` rows): 12 accumulators of 8 lanes.
+    /// `MR × 16` tile (its first `rows` rows; the two halves of 8 columns may lie apart),
+    /// computed as two passes of 6 rows × 16 columns: 12 accumulators of 8 lanes each, so
+    /// every step loads two vectors of `B` and broadcasts 6 values of `A` for 12 FMAs.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn kernel_avx2(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        (c0, c1): (*mut f32, *mut f32),
+        ldc: usize,
+        load_c: bool,
+        rows: usize,
+    ) {
+        const HALF: usize = MR / 2;
+        for r0 in (0..rows).step_by(HALF) {
+            let n = HALF.min(rows - r0);
+            let mut acc = [[_mm256_setzero_ps(); 2]; HALF];
+            if load_c {
+                for (i, row) in acc.iter_mut().enumerate().take(n) {
+                    row[0] = _mm256_loadu_ps(c0.add((r0 + i) * ldc));
+                    row[1] = _mm256_loadu_ps(c1.add((r0 + i) * ldc));
+                }
+            }
+            let a = a.add(r0);
+            for p in 0..kc {
+                let b0 = _mm256_loadu_ps(b.add(p * 16));
+                let b1 = _mm256_loadu_ps(b.add(p * 16 + 8));
+                let ap = a.add(p * MR);
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let ai = _mm256_set1_ps(*ap.add(i));
+                    row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
+                    row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
+                }
+            }
+            for (i, row) in acc.iter().enumerate().take(n) {
+                _mm256_storeu_ps(c0.add((r0 + i) * ldc), row[0]);
+                _mm256_storeu_ps(c1.add((r0 + i) * ldc), row[1]);
+            }
+        }
+    }
+
+    /// `MR × 8` tile (its first `rows` rows) of a packed panel of 16 columns: 12
+    /// accumulators of 8 lanes, the same chains as [`kernel_avx2`]'s.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn kernel_avx2_narrow(
         kc: usize,
         a: *const f32,
         b: *const f32,
@@ -1043,7 +1096,7 @@ mod x86 {
             }
         }
         for p in 0..kc {
-            let b0 = _mm256_loadu_ps(b.add(p * 8));
+            let b0 = _mm256_loadu_ps(b.add(p * 16));
             let ap = a.add(p * MR);
             for (i, v) in acc.iter_mut().enumerate() {
                 *v = _mm256_fmadd_ps(_mm256_set1_ps(*ap.add(i)), b0, *v);
