@@ -6,7 +6,7 @@
 
 use super::f32_values;
 use super::gemm::{active_simd, kernel_threads, Simd};
-use candle_core::{CpuStorage, CustomOp1, Error, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
@@ -286,7 +286,7 @@ pub fn pointwise(x: &Tensor, op: Pointwise) -> Result<Tensor> {
 /// Element-wise sum of two tensors of the same shape.
 struct Add;
 
-impl candle_core::CustomOp2 for Add {
+impl CustomOp2 for Add {
     fn name(&self) -> &'static str {
         "add-inference"
     }
@@ -342,14 +342,9 @@ pub struct ChannelAffine {
     pub prelu: Option<Vec<f32>>,
 }
 
-impl CustomOp1 for ChannelAffine {
-    fn name(&self) -> &'static str {
-        "channel-affine"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_values(s, l, "channel affine: input")?;
-        let dims = l.dims();
+impl ChannelAffine {
+    /// The map on `x` of shape `dims`, plus `residual` (of the same shape) when given.
+    fn apply(&self, x: &[f32], dims: &[usize], residual: Option<&[f32]>) -> Result<Vec<f32>> {
         let c = self.scale.len();
         let fits = dims.len() >= 2
             && dims[1] == c
@@ -362,12 +357,13 @@ impl CustomOp1 for ChannelAffine {
         }
         let spatial: usize = dims[2..].iter().product();
         let spatial = spatial.max(1);
-        let y = map_parts(x, spatial, |first, xs, ys| {
+        Ok(map_parts(x, spatial, |first, xs, ys| {
             for (i, (xp, yp)) in xs.chunks(spatial).zip(ys.chunks_mut(spatial)).enumerate() {
                 let ch = (first / spatial + i) % c;
                 let (a, b) = (self.scale[ch], self.shift[ch]);
-                match &self.prelu {
-                    Some(p) => {
+                let start = first + i * spatial;
+                match (&self.prelu, residual) {
+                    (Some(p), None) => {
                         let p = p[ch];
                         map_into(xp, yp, |x| {
                             let t = a * x + b;
@@ -378,11 +374,67 @@ impl CustomOp1 for ChannelAffine {
                             }
                         })
                     }
-                    None => map_into(xp, yp, |x| a * x + b),
+                    (None, None) => map_into(xp, yp, |x| a * x + b),
+                    (prelu, Some(r)) => {
+                        let r = &r[start..start + xp.len()];
+                        let p = prelu.as_ref().map(|p| p[ch]);
+                        dispatch(
+                            #[inline(always)]
+                            || {
+                                for ((y, &x), &r) in yp.iter_mut().zip(xp).zip(r) {
+                                    let t = a * x + b;
+                                    let t = match p {
+                                        Some(p) if t <= 0.0 => p * t,
+                                        _ => t,
+                                    };
+                                    y.write(t + r);
+                                }
+                            },
+                        )
+                    }
                 }
             }
-        });
+        }))
+    }
+}
+
+impl CustomOp1 for ChannelAffine {
+    fn name(&self) -> &'static str {
+        "channel-affine"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_values(s, l, "channel affine: input")?;
+        let y = self.apply(x, l.dims(), None)?;
         Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+}
+
+/// [`ChannelAffine`] of the first operand plus the second (a residual connection), in one
+/// pass: the same values as the map followed by an addition.
+impl CustomOp2 for ChannelAffine {
+    fn name(&self) -> &'static str {
+        "channel-affine-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_values(s1, l1, "channel affine: input")?;
+        let r = f32_values(s2, l2, "channel affine: residual")?;
+        if l1.dims() != l2.dims() {
+            return Err(Error::Msg(format!(
+                "channel affine: input {:?} and residual {:?} differ",
+                l1.dims(),
+                l2.dims()
+            )));
+        }
+        let y = self.apply(x, l1.dims(), Some(r))?;
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 }
 
@@ -410,6 +462,52 @@ mod tests {
         assert!(worst[3] < 6e-7, "gelu error {}", worst[3]);
         assert_eq!(exp(-200.0), exp(-87.0));
         assert!(exp(200.0).is_finite());
+    }
+
+    #[test]
+    fn channel_affine_with_residual_equals_the_map_then_the_sum() {
+        let dev = candle_core::Device::Cpu;
+        // Large enough to be split across threads, with values of both signs.
+        let (b, c, hw) = (2, 3, 9000);
+        let n = b * c * hw;
+        let x: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919) % 1013) as f32 / 97.0 - 5.0)
+            .collect();
+        let r: Vec<f32> = (0..n)
+            .map(|i| ((i * 104_729) % 613) as f32 / 61.0 - 4.0)
+            .collect();
+        let x = Tensor::from_vec(x, (b, c, hw), &dev).unwrap();
+        let r = Tensor::from_vec(r, (b, c, hw), &dev).unwrap();
+        for prelu in [None, Some(vec![0.25, -0.5, 1.5])] {
+            let op = ChannelAffine {
+                scale: vec![0.5, -1.25, 2.0],
+                shift: vec![0.125, 3.0, -0.75],
+                prelu,
+            };
+            let mapped = x.apply_op1_no_bwd(&op).unwrap();
+            let want: Vec<f32> = (mapped + &r)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let got: Vec<f32> = x
+                .apply_op2_no_bwd(&r, &op)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(got, want);
+        }
+        let short = r.narrow(2, 0, 10).unwrap();
+        let op = ChannelAffine {
+            scale: vec![1.0; 3],
+            shift: vec![0.0; 3],
+            prelu: None,
+        };
+        let err = x.apply_op2_no_bwd(&short, &op).unwrap_err().to_string();
+        assert!(err.contains("residual"), "{err}");
     }
 
     #[test]

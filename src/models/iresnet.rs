@@ -185,21 +185,45 @@ impl IResNetConfig {
 /// Inference BatchNorm (running statistics), then the PReLU if given, as one op on F32 CPU
 /// tensors; candle's modules otherwise (training, other devices and dtypes).
 fn bn_prelu(x: &Tensor, bn: &BatchNorm, prelu: Option<&PReLU>, train: bool) -> Result<Tensor> {
-    let composed = |x: &Tensor| -> Result<Tensor> {
-        let h = bn.forward_t(x, train)?;
-        match prelu {
-            Some(p) => p.forward(&h),
-            None => Ok(h),
+    match fused_affine(x, bn, prelu, train)? {
+        Some(op) => x.contiguous()?.apply_op1_no_bwd(&op),
+        None => {
+            let h = bn.forward_t(x, train)?;
+            match prelu {
+                Some(p) => p.forward(&h),
+                None => Ok(h),
+            }
         }
-    };
+    }
+}
+
+/// `bn(x) + residual`, in one pass where [`bn_prelu`] has its fused op.
+fn bn_add(x: &Tensor, bn: &BatchNorm, residual: &Tensor, train: bool) -> Result<Tensor> {
+    let plain = !residual.track_op() && residual.dtype() == DType::F32;
+    match fused_affine(x, bn, None, train)? {
+        Some(op) if plain && residual.dims() == x.dims() => x
+            .contiguous()?
+            .apply_op2_no_bwd(&residual.contiguous()?, &op),
+        _ => bn_prelu(x, bn, None, train)? + residual,
+    }
+}
+
+/// The inference BatchNorm and PReLU as one [`ChannelAffine`], where it applies: F32 CPU
+/// tensors outside training, an affine BatchNorm and a per-channel PReLU.
+fn fused_affine(
+    x: &Tensor,
+    bn: &BatchNorm,
+    prelu: Option<&PReLU>,
+    train: bool,
+) -> Result<Option<ChannelAffine>> {
     let plain = |t: &Tensor| !t.track_op() && t.dtype() == DType::F32;
     let affine = bn.weight_and_bias();
     let (Some((w, b)), false) = (affine, train) else {
-        return composed(x);
+        return Ok(None);
     };
     let scalar_prelu = prelu.is_some_and(|p| p.is_scalar());
     if !x.device().is_cpu() || !plain(x) || !plain(w) || scalar_prelu || x.rank() < 2 {
-        return composed(x);
+        return Ok(None);
     }
     let (mean, var) = (
         tensor_values(bn.running_mean())?,
@@ -217,12 +241,11 @@ fn bn_prelu(x: &Tensor, bn: &BatchNorm, prelu: Option<&PReLU>, train: bool) -> R
         .zip(&scale)
         .map(|((b, m), a)| b - m * a)
         .collect();
-    let op = ChannelAffine {
+    Ok(Some(ChannelAffine {
         scale,
         shift,
         prelu: prelu.map(|p| tensor_values(p.weight())).transpose()?,
-    };
-    x.contiguous()?.apply_op1_no_bwd(&op)
+    }))
 }
 
 fn bn(channels: usize, vb: VarBuilder) -> Result<BatchNorm> {
@@ -285,12 +308,11 @@ impl IBasicBlock {
         let h = self.conv1.forward(&h)?;
         let h = bn_prelu(&h, &self.bn2, Some(&self.prelu), train)?;
         let h = self.conv2.forward(&h)?;
-        let h = bn_prelu(&h, &self.bn3, None, train)?;
         let identity = match &self.downsample {
             Some((conv, norm)) => bn_prelu(&conv.forward(x)?, norm, None, train)?,
             None => x.clone(),
         };
-        h + identity
+        bn_add(&h, &self.bn3, &identity, train)
     }
 }
 
