@@ -135,6 +135,14 @@ pub(crate) fn map_parts(
     y
 }
 
+/// PReLU with slope `p`: `t` where `t > 0`, else `p·t`, written as a product with a chosen
+/// factor (`1·t = t` exactly) so that it compiles to a vector select instead of a branch.
+#[inline(always)]
+pub fn prelu(t: f32, p: f32) -> f32 {
+    let factor = if t > 0.0 { 1.0 } else { p };
+    factor * t
+}
+
 /// `y = f(x)` element by element, vectorised.
 #[inline(always)]
 pub fn map_into(xs: &[f32], ys: &mut [MaybeUninit<f32>], f: impl Fn(f32) -> f32 + Copy) {
@@ -365,27 +373,20 @@ impl ChannelAffine {
                 match (&self.prelu, residual) {
                     (Some(p), None) => {
                         let p = p[ch];
-                        map_into(xp, yp, |x| {
-                            let t = a * x + b;
-                            if t > 0.0 {
-                                t
-                            } else {
-                                p * t
-                            }
-                        })
+                        map_into(xp, yp, |x| prelu(a * x + b, p))
                     }
                     (None, None) => map_into(xp, yp, |x| a * x + b),
-                    (prelu, Some(r)) => {
+                    (slopes, Some(r)) => {
                         let r = &r[start..start + xp.len()];
-                        let p = prelu.as_ref().map(|p| p[ch]);
+                        let p = slopes.as_ref().map(|p| p[ch]);
                         dispatch(
                             #[inline(always)]
                             || {
                                 for ((y, &x), &r) in yp.iter_mut().zip(xp).zip(r) {
                                     let t = a * x + b;
                                     let t = match p {
-                                        Some(p) if t <= 0.0 => p * t,
-                                        _ => t,
+                                        Some(p) => prelu(t, p),
+                                        None => t,
                                     };
                                     y.write(t + r);
                                 }

@@ -352,7 +352,7 @@ impl CustomOp3 for PreluOp {
                 a.len()
             )));
         }
-        let y = map_channels(x, (c, s), |ch, xv| if xv > 0.0 { xv } else { a[ch] * xv });
+        let y = map_channels(x, (c, s), |ch, xv| crate::kernels::math::prelu(xv, a[ch]));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -420,7 +420,7 @@ impl CustomOp3 for PreluBwdOp {
                         .zip(&x_n[r.clone()])
                         .zip(&dy_n[r])
                     {
-                        *d = if xv > 0.0 { gv } else { w * gv };
+                        *d = (if xv > 0.0 { 1.0 } else { w }) * gv;
                     }
                 }
             });
