@@ -15,6 +15,9 @@ const FILES: [&str; 6] = [
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(idiff_default_model)");
+    // The target triple, for the layering test's `cargo metadata --filter-platform`.
+    let target = std::env::var("TARGET").unwrap_or_default();
+    println!("cargo::rustc-env=IDIFF_BUILD_TARGET={target}");
     println!("cargo::rerun-if-changed=assets/default");
     let dir = Path::new("assets/default");
     for f in FILES {

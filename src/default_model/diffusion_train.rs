@@ -102,7 +102,7 @@ pub struct TrainDiffusionArgs {
     pub min_snr_gamma: f64,
     /// What the network learns to predict: `eps` (the reference) or `v`
     /// (v = √ᾱ·ε − √(1−ᾱ)·x₀; recorded in `unet.json`, the samplers convert it to ε).
-    #[arg(long, value_enum, default_value = "eps")]
+    #[arg(long, default_value = "eps")]
     pub prediction: Prediction,
     /// Start a new run (no checkpoint in `--out` yet) from these U-Net weights (e.g. a
     /// previous run's EMA `unet.safetensors`, any float dtype) instead of a random

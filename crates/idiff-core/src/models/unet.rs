@@ -65,7 +65,7 @@ pub struct UNetConfig {
 /// ε; the project's default model may predict v = √ᾱ·ε − √(1−ᾱ)·x₀ (Salimans & Ho 2022),
 /// which learns the high-noise steps (where the face layout is decided) far faster on a
 /// small budget. Samplers convert v back to ε = √ᾱ·v + √(1−ᾱ)·x_t.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Prediction {
     /// The noise ε (the reference).
@@ -73,6 +73,19 @@ pub enum Prediction {
     Eps,
     /// The velocity v.
     V,
+}
+
+impl std::str::FromStr for Prediction {
+    type Err = String;
+
+    /// Parses `eps` or `v` (the names `unet.json` records).
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "eps" => Ok(Self::Eps),
+            "v" => Ok(Self::V),
+            other => Err(format!("unknown prediction {other:?} (eps, v)")),
+        }
+    }
 }
 
 fn default_heads() -> i64 {

@@ -91,7 +91,7 @@ pub(crate) fn tensor_values(t: &Tensor) -> Result<Vec<f32>> {
 }
 
 /// The contiguous F32 values behind a CPU storage and its layout, or an error naming `what`.
-pub(crate) fn f32_values<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+pub fn f32_values<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
         return Err(Error::Msg(format!("{what} must be F32")));
     };

@@ -1,6 +1,6 @@
 //! Locating the parity fixtures produced by the reference implementation.
 //!
-//! Tests find them via `$IDIFF_FIXTURES`, else `../shared/fixtures` next to the crate.
+//! Tests find them via `$IDIFF_FIXTURES`, else `../shared/fixtures` next to the workspace.
 //! When they are absent a test prints a skip note and returns, except under `CI=true`,
 //! where a missing fixture is a failure.
 
@@ -10,7 +10,7 @@ use std::path::PathBuf;
 pub fn fixtures_dir() -> Option<PathBuf> {
     let dir = match std::env::var_os("IDIFF_FIXTURES") {
         Some(d) => PathBuf::from(d),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures"),
     };
     dir.is_dir().then_some(dir)
 }
