@@ -3,7 +3,7 @@
 //!
 //! Data flows one way: settings → command → worker → events → state → view.
 
-pub use idiff_core::{checkpoint, diffusion, files, kernels, models, nn, testutil};
+pub use idiff_core::{checkpoint, diffusion, errors, files, kernels, models, nn, testutil};
 
 pub mod analysis;
 pub mod app;

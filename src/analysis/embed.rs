@@ -39,8 +39,6 @@ pub const FR_INPUT_SIZE: usize = 112;
 /// Marker stored in the metadata of embedding files written by [`Embeddings::save`].
 pub const EMBEDDINGS_FORMAT: &str = "idiff-studio-embeddings/1";
 
-const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "bmp"];
-
 /// The images of an ImageFolder: one sub-folder per identity, sorted by name.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageFolder {
@@ -86,7 +84,7 @@ pub fn scan_image_folder(dir: &Path) -> Result<ImageFolder> {
             .with_context(|| format!("cannot read folder {}", sub.display()))?
             .filter_map(|e| e.ok())
             .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|f| !f.starts_with('.') && is_image_name(f))
+            .filter(|f| !f.starts_with('.') && crate::files::is_image_name(f))
             .collect();
         if images.is_empty() {
             continue;
@@ -106,13 +104,6 @@ pub fn scan_image_folder(dir: &Path) -> Result<ImageFolder> {
         );
     }
     Ok(folder)
-}
-
-fn is_image_name(name: &str) -> bool {
-    Path::new(name)
-        .extension()
-        .map(|e| e.to_string_lossy().to_ascii_lowercase())
-        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str()))
 }
 
 /// Planar `3 × size × size` network input in [-1, 1] from an RGB image of any size

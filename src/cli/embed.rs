@@ -58,7 +58,11 @@ pub fn list_images(args: &[PathBuf]) -> Result<Vec<(PathBuf, String)>> {
             collect_images(dir, dir, &mut found)?;
             found.sort_by(|a, b| a.1.cmp(&b.1));
             if found.is_empty() {
-                bail!("{}: no images (png, jpg, jpeg, bmp) found", dir.display());
+                bail!(
+                    "{}: no images ({}) found",
+                    dir.display(),
+                    crate::files::IMAGE_EXTENSIONS.join(", ")
+                );
             }
             return Ok(found);
         }
@@ -73,12 +77,6 @@ pub fn list_images(args: &[PathBuf]) -> Result<Vec<(PathBuf, String)>> {
         .collect()
 }
 
-fn is_image(p: &Path) -> bool {
-    p.extension()
-        .map(|e| e.to_string_lossy().to_ascii_lowercase())
-        .is_some_and(|e| matches!(e.as_str(), "png" | "jpg" | "jpeg" | "bmp"))
-}
-
 fn collect_images(root: &Path, dir: &Path, out: &mut Vec<(PathBuf, String)>) -> Result<()> {
     let entries =
         std::fs::read_dir(dir).with_context(|| format!("cannot read folder {}", dir.display()))?;
@@ -90,7 +88,7 @@ fn collect_images(root: &Path, dir: &Path, out: &mut Vec<(PathBuf, String)>) -> 
         }
         if path.is_dir() {
             collect_images(root, &path, out)?;
-        } else if is_image(&path) {
+        } else if crate::files::is_image_name(&path) {
             let rel = path.strip_prefix(root).unwrap_or(&path);
             let name = rel
                 .components()

@@ -47,7 +47,7 @@ impl FolderSource {
         for ((_, path), identity) in identities.iter().zip(identity_numbers) {
             let files: Vec<(String, PathBuf)> = sorted_entries(path, false)?
                 .into_iter()
-                .filter(|(n, _)| is_image_name(n))
+                .filter(|(n, _)| crate::files::is_image_name(n))
                 .collect();
             let stems: Vec<(String, PathBuf)> = files
                 .iter()
@@ -205,12 +205,6 @@ impl ImageSource for MemorySource {
     fn describe(&self) -> String {
         self.name.clone()
     }
-}
-
-/// True for `.png`, `.jpg` and `.jpeg` names (any case).
-pub fn is_image_name(name: &str) -> bool {
-    let lower = name.to_ascii_lowercase();
-    [".png", ".jpg", ".jpeg"].iter().any(|e| lower.ends_with(e))
 }
 
 fn read_manifest(dir: &Path) -> Result<Option<serde_json::Value>> {

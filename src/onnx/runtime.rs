@@ -1,6 +1,7 @@
 //! A single-input ONNX network on the CPU through tract, with one-line errors that name
 //! the model file.
 
+use crate::errors::one_line;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -26,11 +27,6 @@ pub struct OnnxNet {
     plan: Arc<TypedRunnableModel>,
     input: [usize; 4],
     outputs: Vec<Vec<usize>>,
-}
-
-/// Flattens a tract error chain to one line.
-fn one_line(e: &anyhow::Error) -> String {
-    format!("{e:#}").replace('\n', " ")
 }
 
 /// Declared input dims of an ONNX file: `Some(n)` for a fixed dim, `None` for a symbolic one.

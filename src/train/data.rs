@@ -52,12 +52,6 @@ pub struct ImageFolder {
     classes: Vec<String>,
 }
 
-fn is_image(path: &Path) -> bool {
-    path.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
-}
-
 fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut entries = std::fs::read_dir(dir)
         .with_context(|| format!("cannot list {}", dir.display()))?
@@ -76,7 +70,7 @@ impl ImageFolder {
         for dir in sorted_entries(root)?.into_iter().filter(|p| p.is_dir()) {
             let images: Vec<PathBuf> = sorted_entries(&dir)?
                 .into_iter()
-                .filter(|p| p.is_file() && is_image(p))
+                .filter(|p| p.is_file() && crate::files::is_image_name(p))
                 .collect();
             if images.is_empty() {
                 continue;

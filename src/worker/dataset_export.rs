@@ -12,6 +12,7 @@ use crate::dataset::embeddings::{load_for_files, load_reference, Embeddings};
 use crate::dataset::export::{export, ExportFormat, ExportOutcome, ExportRequest};
 use crate::dataset::source::{FolderSource, ImageSource, MemorySource};
 use crate::dataset::ImageEncoding;
+use crate::errors::one_line;
 use anyhow::{anyhow, Result};
 use image::RgbImage;
 use std::path::PathBuf;
@@ -85,13 +86,6 @@ impl std::fmt::Debug for Prepared {
 
 /// The last prepared folder source, keyed by (folder, embeddings, reference).
 pub type PreparedCache = Arc<Mutex<Option<(String, Arc<Prepared>)>>>;
-
-fn one_line(e: &anyhow::Error) -> String {
-    format!("{e:#}")
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
-}
 
 fn reference_path(rules: &CurationRules) -> Option<PathBuf> {
     match &rules.leakage {

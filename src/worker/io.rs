@@ -5,6 +5,7 @@
 use super::identities::Reference;
 use super::protocol::{DetectedPhoto, Event, LoadedContexts, PhotoFaceInfo};
 use super::EventSender;
+use crate::errors::one_line;
 use crate::files::write_atomic;
 use crate::generate::{compose_grid, with_reference};
 use crate::identity::Contexts;
@@ -72,7 +73,7 @@ pub fn spawn_procface_identities(first: usize, count: usize, events: EventSender
     std::thread::spawn(move || {
         let result = crate::default_model::eval::builtin_procface_contexts(first, count)
             .map(|rows| crate::worker::identities::procface_identities(first, rows))
-            .map_err(|e| one_line(&format!("{e:#}")));
+            .map_err(|e| one_line(&e));
         events.send(Event::ProcfaceIdentities(result));
     });
 }
@@ -83,7 +84,7 @@ pub fn spawn_detect_faces(id: u64, photo: PathBuf, models_dir: PathBuf, events: 
     std::thread::spawn(move || {
         let result = std::panic::catch_unwind(|| detect_faces(&photo, &models_dir))
             .unwrap_or_else(|_| Err(anyhow::anyhow!("internal error while detecting faces")))
-            .map_err(|e| one_line(&format!("{e:#}")));
+            .map_err(|e| one_line(&e));
         events.send(Event::FacesDetected { id, result });
     });
 }
@@ -120,10 +121,6 @@ pub fn detect_faces(photo: &Path, models_dir: &Path) -> anyhow::Result<DetectedP
         path: photo.to_path_buf(),
         faces,
     })
-}
-
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(test)]

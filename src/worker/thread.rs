@@ -4,6 +4,7 @@ use super::job::{run_job, JobOutcome};
 use super::model::load_pipeline;
 use super::protocol::{Command, Event};
 use super::EventSender;
+use crate::errors::one_line;
 use crate::pipeline::Pipeline;
 use crossbeam_channel::Receiver;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -40,7 +41,7 @@ fn handle(pipeline: &mut Option<Pipeline>, command: Command, events: &EventSende
                 *pipeline = Some(p);
                 events.send(Event::ModelLoaded(info));
             }
-            Err(e) => events.send(Event::Error(one_line(&format!("{e:#}")))),
+            Err(e) => events.send(Event::Error(one_line(&e))),
         },
         Command::Run(job) => {
             let Some(p) = pipeline.as_ref() else {
@@ -59,7 +60,7 @@ fn handle(pipeline: &mut Option<Pipeline>, command: Command, events: &EventSende
                     job: job.id,
                     images_done,
                 }),
-                Err(e) => events.send(Event::Error(one_line(&format!("{e:#}")))),
+                Err(e) => events.send(Event::Error(one_line(&e))),
             }
         }
         Command::Analyze(req) => super::analyze::run(&req, events),
@@ -67,8 +68,4 @@ fn handle(pipeline: &mut Option<Pipeline>, command: Command, events: &EventSende
         Command::Panic => panic!("panic requested by a test"),
         Command::Shutdown => {}
     }
-}
-
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }

@@ -14,6 +14,7 @@
 
 use super::protocol::Event;
 use super::EventSender;
+use crate::errors::one_line;
 use crate::train::config::TrainConfig;
 use crate::train::data::{open_source, ImageSource, InMemorySource, ProcFaceSource};
 use crate::train::eval::ValidationSet;
@@ -119,13 +120,6 @@ pub struct LogLine {
     pub stream: LogStream,
     /// The text (lossy UTF-8, without the line end).
     pub text: String,
-}
-
-fn one_line(e: &anyhow::Error) -> String {
-    format!("{e:#}")
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// Starts `req` on a new thread; its events go to `events`, ending with

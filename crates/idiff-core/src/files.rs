@@ -1,7 +1,7 @@
 //! Files that appear complete or not at all: written to a hidden temporary sibling (unique
 //! per process and call), flushed to disk, then renamed over the destination; the temporary
-//! file is removed when anything fails; and the SHA-256 that records which file a result
-//! came from.
+//! file is removed when anything fails; the SHA-256 that records which file a result came
+//! from; and which file names are images.
 
 use anyhow::{anyhow, Context, Result};
 use std::io::Write;
@@ -88,9 +88,31 @@ pub fn rename_into_place(tmp: &Path, path: &Path) -> Result<()> {
     })
 }
 
+/// Extensions (lower case) of the image files every reader of the project decodes: PNG and
+/// JPEG.
+pub const IMAGE_EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
+
+/// Whether `name` (a file name or path) ends in one of [`IMAGE_EXTENSIONS`], in any case.
+pub fn is_image_name(name: impl AsRef<Path>) -> bool {
+    name.as_ref()
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_names_are_png_and_jpeg_in_any_case() {
+        for yes in ["a.png", "b.JPG", "dir/c.jpeg", "d.Png"] {
+            assert!(is_image_name(yes), "{yes}");
+        }
+        for no in ["a.bmp", "b.webp", "png", "c.png.txt", ".jpg", "d"] {
+            assert!(!is_image_name(no), "{no}");
+        }
+    }
 
     #[test]
     fn writes_replace_whole_files_and_failures_leave_nothing() {

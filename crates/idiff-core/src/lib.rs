@@ -5,6 +5,7 @@
 
 pub mod checkpoint;
 pub mod diffusion;
+pub mod errors;
 pub mod files;
 pub mod kernels;
 pub mod models;
