@@ -379,19 +379,14 @@ impl ChannelAffine {
                     (slopes, Some(r)) => {
                         let r = &r[start..start + xp.len()];
                         let p = slopes.as_ref().map(|p| p[ch]);
-                        dispatch(
-                            #[inline(always)]
-                            || {
-                                for ((y, &x), &r) in yp.iter_mut().zip(xp).zip(r) {
-                                    let t = a * x + b;
-                                    let t = match p {
-                                        Some(p) => prelu(t, p),
-                                        None => t,
-                                    };
-                                    y.write(t + r);
-                                }
-                            },
-                        )
+                        zip_map_into(xp, r, yp, |x, r| {
+                            let t = a * x + b;
+                            let t = match p {
+                                Some(p) => prelu(t, p),
+                                None => t,
+                            };
+                            t + r
+                        })
                     }
                 }
             }
